@@ -1,0 +1,1 @@
+"""kvwire client side: SDK and transports."""

@@ -1,0 +1,1 @@
+"""kvwire KV codec: transform, quantization, entropy coding and the bitstream format (CPU and GPU paths)."""

@@ -1,0 +1,1 @@
+"""kvwire server side: storage backends, worker, REST and gRPC APIs."""
