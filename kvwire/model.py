@@ -99,10 +99,23 @@ def cache_to_tensor(cache: Any) -> torch.Tensor:
     return torch.stack([torch.stack((k[0], v[0])) for k, v in pairs])
 
 
+def _text_config(config: Any) -> Any:
+    """The decoder's config (multimodal configs nest it; plain LM configs are their own)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _check_canonical(kv: torch.Tensor) -> None:
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
         shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
         raise InvalidInputError(f"expected KV of shape [layers, 2, kv_heads, tokens, head_dim], got {shape}")
+
+
+def empty_cache(config: Any = None) -> DynamicCache:
+    """An empty ``DynamicCache`` for ``config`` (works across transformers 4.x and 5.x)."""
+    try:  # `config=` exists from transformers 4.56 on; older versions take no arguments.
+        return DynamicCache(config=config) if config is not None else DynamicCache()
+    except TypeError:
+        return DynamicCache()
 
 
 def tensor_to_cache(kv: torch.Tensor, config: Any = None) -> DynamicCache:
@@ -113,8 +126,9 @@ def tensor_to_cache(kv: torch.Tensor, config: Any = None) -> DynamicCache:
     both grow it in place, so build a new one per use.
     """
     _check_canonical(kv)
-    if config is not None and config.num_hidden_layers != kv.shape[0]:
-        raise InvalidInputError(f"KV has {kv.shape[0]} layers, model has {config.num_hidden_layers}")
+    layers = _text_config(config).num_hidden_layers if config is not None else kv.shape[0]
+    if layers != kv.shape[0]:
+        raise InvalidInputError(f"KV has {kv.shape[0]} layers, the model has {layers}")
     cache = empty_cache(config)
     for layer_idx in range(kv.shape[0]):
         # `update` concatenates onto an empty tensor, so the cache owns a copy.
@@ -146,14 +160,6 @@ def prefill_kv(
     return cache_to_tensor(cache)
 
 
-def empty_cache(config: Any = None) -> DynamicCache:
-    """An empty ``DynamicCache`` for ``config`` (works across transformers 4.x and 5.x)."""
-    try:  # `config=` exists from transformers 4.56 on; older versions take no arguments.
-        return DynamicCache(config=config) if config is not None else DynamicCache()
-    except TypeError:
-        return DynamicCache()
-
-
 # ------------------------------------------------------------------------------------- fingerprint
 
 
@@ -172,7 +178,7 @@ def model_fingerprint(model: Any, tokenizer: Any) -> str:
     different quantization gives a different fingerprint, on purpose: its KV caches differ too.
     """
     config = model.config
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text_config = _text_config(config)
     rope: dict[str, Any]
     try:
         params = rope_parameters(text_config)
@@ -241,9 +247,7 @@ def rope_parameters(model_or_config: Any) -> RopeParameters:
     Raises ``InvalidInputError`` for models without RoPE, with partial rotary dims, or with
     sequence-length-dependent RoPE (dynamic NTK, longrope), whose cos/sin cannot be fixed per position.
     """
-    config = getattr(model_or_config, "config", model_or_config)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
+    config = _text_config(getattr(model_or_config, "config", model_or_config))
     params = getattr(config, "rope_parameters", None)  # transformers 5.x
     if params is None:  # transformers 4.x
         theta = getattr(config, "rope_theta", None)
@@ -255,7 +259,8 @@ def rope_parameters(model_or_config: Any) -> RopeParameters:
     params = dict(params)
     rope_type = str(params.pop("rope_type", params.pop("type", "default")))
     theta = float(params.pop("rope_theta"))
-    if float(getattr(config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if float(partial or 1.0) != 1.0:
         raise InvalidInputError("partial rotary embedding is not supported")
     if rope_type in ("dynamic", "longrope"):
         raise InvalidInputError(f"sequence-length-dependent RoPE type {rope_type!r} is not supported")
