@@ -1,0 +1,29 @@
+"""Shared pytest setup: make `benchmarks` importable and load the real model once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# `benchmarks/` is a plain folder of scripts, not an installed package; tests import it as
+# `benchmarks.<module>` from the repository root.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    """The bundled SmolLM2-135M-Instruct ``(model, tokenizer)``, float32 on CPU (loading takes ~20-30 s)."""
+    import torch
+
+    from kvwire.model import load_model
+
+    torch.set_num_threads(1)
+    return load_model()
