@@ -10,9 +10,11 @@ list expired objects not yet read.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Any
 
 import boto3
@@ -32,6 +34,7 @@ from kvwire.server.storage.base import (
 )
 
 _EXPIRES = "kvwire-expires-at"
+_SESSION_LOCK = threading.Lock()
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
@@ -66,10 +69,15 @@ class S3Store(Store):
             retries={"max_attempts": retries + 1, "mode": "standard"},
             max_pool_connections=max(10, concurrency),
         )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key, region_name=region
-        )
-        self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        with _SESSION_LOCK:
+            self._client: Any = _shared_session().client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                config=config,
+            )
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kvwire-s3")
         if create_bucket:
             self._create_bucket(region)
@@ -194,6 +202,12 @@ class S3Store(Store):
         self._pool.shutdown(wait=True)
         with contextlib.suppress(Exception):
             self._client.close()
+
+
+@cache
+def _shared_session() -> boto3.session.Session:
+    """One boto3 session per process: it caches the parsed service models, so each client is cheap."""
+    return boto3.session.Session()
 
 
 def _expired(metadata: dict[str, str]) -> bool:
