@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kvwire.errors import BackendUnavailableError, CorruptChunkError, InvalidInputError, NotFoundError
@@ -91,7 +92,7 @@ class RedisStore(Store):
         """Turn every redis-py failure into BackendUnavailableError naming this backend."""
         try:
             yield
-        except redis.RedisError as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
             raise BackendUnavailableError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
 
     # -- key layout ----------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class RedisStore(Store):
             self._client.ping()
 
     def close(self) -> None:
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(redis.RedisError, RedisClusterException):
             self._client.close()
 
 
