@@ -97,11 +97,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.fixture(scope="session")
-def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("redis-cluster")
-    ports = []
-    while len(ports) < 3:
+@contextlib.contextmanager
+def redis_cluster(root: Path, masters: int = 3) -> Iterator[list[int]]:
+    """Run a Redis Cluster of ``masters`` nodes (no replicas) until the block ends; yield the ports."""
+    ports: list[int] = []
+    while len(ports) < masters:
         port = free_port(with_cluster_bus=True)
         if port not in ports:
             ports.append(port)
@@ -131,12 +131,26 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster node {port} never reached cluster_state:ok:\n{info}")
                 time.sleep(0.1)
+        yield ports
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
         yield f"redis://127.0.0.1:{ports[0]}/0"
+
+
+def shutdown_redis(port: int) -> None:
+    """Stop a redis-server started by these fixtures abruptly (its fixture still reaps the process)."""
+    subprocess.run(
+        [REDIS_CLI or "redis-cli", "-p", str(port), "SHUTDOWN", "NOSAVE"], capture_output=True, timeout=5
+    )
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] not installed")
+    ThreadedMotoServer = moto_server.ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -15,7 +15,7 @@ from kvwire.server.storage.redis import RedisClusterStore, RedisStore
 from kvwire.server.storage.s3 import S3Store
 from kvwire.server.storage.tiered import TieredStore
 
-from .conftest import S3_CREDENTIALS, free_port, redis_server
+from .conftest import S3_CREDENTIALS, free_port, redis_cluster, redis_server, shutdown_redis
 
 pytestmark = pytest.mark.integration
 LIMIT_S = 5.0
@@ -67,6 +67,21 @@ def test_redis_cluster_closed_port() -> None:
     with pytest.raises(BackendUnavailableError, match=f"redis-cluster at 127.0.0.1:{port}"):
         RedisClusterStore(f"redis://127.0.0.1:{port}/0", connect_timeout_s=1)
     assert time.monotonic() - start < LIMIT_S
+
+
+def test_redis_cluster_node_killed_mid_session(tmp_path: Path) -> None:
+    with redis_cluster(tmp_path) as ports:
+        store = RedisClusterStore(f"redis://127.0.0.1:{ports[0]}/0", connect_timeout_s=1, socket_timeout_s=1)
+        keys = [f"ctx-{i}/0" for i in range(30)]  # spread over all three masters
+        store.put_many(dict.fromkeys(keys, b"v"))
+        shutdown_redis(ports[1])
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailableError, match="redis-cluster at"):
+            store.get_many(keys)
+        with pytest.raises(BackendUnavailableError):
+            store.put_many(dict.fromkeys(keys, b"w"))
+        assert time.monotonic() - start < LIMIT_S
+        store.close()
 
 
 def test_s3_closed_port() -> None:
