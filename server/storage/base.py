@@ -17,6 +17,8 @@ from kvwire.errors import InvalidInputError, LimitExceededError
 
 MAX_KEY_LENGTH = 512
 MAX_KEY_SEGMENTS = 32
+# Below common filesystems' 255-byte name limit, leaving room for LocalStore's suffix.
+MAX_SEGMENT_LENGTH = 200
 # Stores refuse single values above this unless configured otherwise (Redis' own limit is 512 MB).
 DEFAULT_MAX_VALUE_BYTES = 512 * 1024 * 1024
 # Redis stores values above this size as parts (large single values hurt Redis latency).
@@ -41,6 +43,10 @@ def validate_key(key: object) -> str:
     for segment in segments:
         if not segment:
             raise InvalidInputError(f"storage key {key!r} has an empty segment (leading, trailing or '//')")
+        if len(segment) > MAX_SEGMENT_LENGTH:
+            raise InvalidInputError(
+                f"storage key segment is {len(segment)} characters; the limit is {MAX_SEGMENT_LENGTH}"
+            )
         if segment in (".", ".."):
             raise InvalidInputError(f"storage key {key!r} has a '{segment}' segment")
         if not _SEGMENT.fullmatch(segment):

@@ -115,13 +115,7 @@ class LocalStore(Store):
         validate_value(data, self.max_value_bytes)
         ttl = validate_ttl(ttl_s)
         header = _HEADER.pack(_MAGIC, _VERSION, time.time() + ttl if ttl else 0.0)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Temp file in the same directory, so os.replace is an atomic rename on one filesystem:
-            # a reader sees the old value or the whole new one, never a partial file.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix="~tmp")
-        except OSError as exc:
-            raise self._unavailable(f"cannot write {key!r}", exc) from exc
+        fd, tmp = self._temp_file(key, path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
@@ -136,6 +130,20 @@ class LocalStore(Store):
                 raise self._unavailable(f"cannot write {key!r}", exc) from exc
             raise
         _fsync_dir(path.parent)
+
+    def _temp_file(self, key: str, directory: Path) -> tuple[int, str]:
+        """A temp file in the value's own directory, so os.replace is an atomic rename on one
+        filesystem: a reader sees the old value or the whole new one, never a partial file."""
+        for attempt in range(3):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                return tempfile.mkstemp(dir=directory, prefix=".", suffix="~tmp")
+            except FileNotFoundError:
+                if attempt == 2:  # a concurrent delete_prefix keeps pruning the directory
+                    raise self._unavailable(f"cannot write {key!r}", OSError("directory vanished")) from None
+            except OSError as exc:
+                raise self._unavailable(f"cannot write {key!r}", exc) from exc
+        raise AssertionError("unreachable")
 
     def delete(self, key: str) -> bool:
         path = self._path(key)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kvwire.errors import InvalidInputError
 from kvwire.server.storage import LocalStore, key_matches, validate_key, validate_prefix
-from kvwire.server.storage.base import MAX_KEY_LENGTH
+from kvwire.server.storage.base import MAX_KEY_LENGTH, MAX_SEGMENT_LENGTH
 
 SEGMENT_CHARS = string.ascii_letters + string.digits + "._-"
 segment = st.text(SEGMENT_CHARS, min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
@@ -67,9 +67,13 @@ def test_path_tricks_rejected(key: str) -> None:
 
 
 def test_limits_and_types() -> None:
-    validate_key("a" * MAX_KEY_LENGTH)
-    with pytest.raises(InvalidInputError, match="limit"):
-        validate_key("a" * (MAX_KEY_LENGTH + 1))
+    long_key = "/".join(["a" * 99] * 6)[:MAX_KEY_LENGTH]
+    validate_key(long_key)
+    with pytest.raises(InvalidInputError, match="characters long"):
+        validate_key(long_key + "/b")
+    validate_key("s" * MAX_SEGMENT_LENGTH)
+    with pytest.raises(InvalidInputError, match="segment is"):
+        validate_key("s" * (MAX_SEGMENT_LENGTH + 1))
     with pytest.raises(InvalidInputError, match="segments"):
         validate_key("/".join(["a"] * 100))
     with pytest.raises(InvalidInputError):
