@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 
-from kvwire.errors import InvalidInputError, LimitExceededError
+from kvwire.errors import InvalidInputError, LimitExceededError, NotFoundError
 
 MAX_KEY_LENGTH = 512
 MAX_KEY_SEGMENTS = 32
@@ -134,11 +134,26 @@ class Store(ABC):
         """Return if the backend answers; raise ``BackendUnavailableError`` otherwise."""
 
     def get_many(self, keys: Iterable[str]) -> list[bytes]:
-        """Return the values of ``keys`` in order; raise ``NotFoundError`` naming the first missing key.
+        """Return the values of ``keys`` in order; raise ``NotFoundError`` naming the first missing key."""
+        keys = list(keys)
+        values = self.try_get_many(keys)
+        for key, value in zip(keys, values, strict=True):
+            if value is None:
+                raise NotFoundError(f"{self.name}: no key {key!r}")
+        return values  # type: ignore[return-value]  # no None left
+
+    def try_get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        """Return the values of ``keys`` in order, ``None`` for each missing or expired key.
 
         Backends override this to batch round trips (Redis pipelines, concurrent S3 GETs).
         """
-        return [self.get(key) for key in keys]
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self.get(key))
+            except NotFoundError:
+                out.append(None)
+        return out
 
     def put_many(self, items: Items, ttl_s: float | None = None) -> None:
         """Store many values (a mapping or ``(key, data)`` pairs), each with the same ``ttl_s``."""

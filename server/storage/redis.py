@@ -162,9 +162,12 @@ class RedisStore(Store):
     # -- reading -------------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes:
-        return self.get_many([key])[0]
+        value = self.try_get_many([key])[0]
+        if value is None:
+            raise NotFoundError(f"{self.name}: no key {key!r}")
+        return value
 
-    def get_many(self, keys: Iterable[str]) -> list[bytes]:
+    def try_get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         keys = [validate_key(k) for k in keys]
         with self._errors():
             pipe = self._client.pipeline(transaction=False)
@@ -174,36 +177,35 @@ class RedisStore(Store):
             out: list[bytes | None] = []
             part_keys: list[str] = []
             for key, value in zip(keys, stored, strict=True):
-                if value is None:
-                    raise NotFoundError(f"{self.name}: no key {key!r}")
-                out.append(value[1:] if value[:1] == _INLINE else None)
+                out.append(value[1:] if value is not None and value[:1] == _INLINE else None)
                 part_keys.extend(self._parts_of(key, value))
             if not part_keys:
-                return out  # type: ignore[return-value]  # every entry is inline bytes here
+                return out
             pipe = self._client.pipeline(transaction=False)
             for k in part_keys:
                 pipe.get(k)
             parts = iter(pipe.execute())
             for i, (key, value) in enumerate(zip(keys, stored, strict=True)):
-                if out[i] is not None:
+                if value is None or value[:1] != _PARTED:
                     continue
-                assert value is not None
                 total, count, _ = self._parse_header(key, value)
                 chunk = [next(parts) for _ in range(count)]
                 if any(p is None for p in chunk):
                     out[i] = self._get_parted_again(key, value)
-                else:
-                    out[i] = b"".join(chunk)
-                    if len(out[i] or b"") != total:
-                        raise CorruptChunkError(f"{self.name}: parts of {key!r} do not add up")
-            return out  # type: ignore[return-value]
+                    continue
+                joined = b"".join(chunk)
+                if len(joined) != total:
+                    raise CorruptChunkError(f"{self.name}: parts of {key!r} do not add up")
+                out[i] = joined
+            return out
 
-    def _get_parted_again(self, key: str, seen: bytes) -> bytes:
-        """A part vanished: the value was replaced, deleted, expired or evicted meanwhile. Re-read."""
+    def _get_parted_again(self, key: str, seen: bytes) -> bytes | None:
+        """A part vanished: the value was replaced, deleted, expired or evicted meanwhile. Re-read;
+        None if the value is gone."""
         for _ in range(3):
             value = self._client.get(self._main(key))
             if value is None or value == seen:
-                break
+                return None
             if value[:1] == _INLINE:
                 return bytes(value[1:])
             pipe = self._client.pipeline(transaction=False)
@@ -213,7 +215,7 @@ class RedisStore(Store):
             if all(p is not None for p in chunk):
                 return b"".join(chunk)
             seen = value
-        raise NotFoundError(f"{self.name}: {key!r} was deleted, expired or evicted while being read")
+        return None
 
     def exists(self, key: str) -> bool:
         with self._errors():

@@ -132,9 +132,15 @@ class S3Store(Store):
             data: bytes = response["Body"].read()
             return data
 
-    def get_many(self, keys: Iterable[str]) -> list[bytes]:
+    def try_get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         keys = [validate_key(k) for k in keys]
-        return list(self._pool.map(self.get, keys))
+        return list(self._pool.map(self._try_get, keys))
+
+    def _try_get(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except NotFoundError:
+            return None
 
     def exists(self, key: str) -> bool:
         name = self._object(key)
@@ -192,7 +198,7 @@ class S3Store(Store):
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=scope + "/" if scope else ""):
                 keys.extend(self._key_of(obj["Key"]) for obj in page.get("Contents", []))
-        return iter(keys)
+        return iter([k for k in keys if _is_key(k)])  # skip objects other tools put there
 
     def health(self) -> None:
         with self._errors():
@@ -208,6 +214,14 @@ class S3Store(Store):
 def _shared_session() -> boto3.session.Session:
     """One boto3 session per process: it caches the parsed service models, so each client is cheap."""
     return boto3.session.Session()
+
+
+def _is_key(name: str) -> bool:
+    try:
+        validate_key(name)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _expired(metadata: dict[str, str]) -> bool:

@@ -10,11 +10,10 @@ failure is logged. A delete may stay visible through another reader's repopulate
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 
-from kvwire.errors import BackendUnavailableError, NotFoundError
+from kvwire.errors import BackendUnavailableError
 from kvwire.server.storage.base import Items, Store, iter_items, validate_key, validate_ttl
 
 log = logging.getLogger(__name__)
@@ -50,30 +49,24 @@ class TieredStore(Store):
     def get(self, key: str) -> bytes:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Iterable[str]) -> list[bytes]:
+    def try_get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         keys = [validate_key(k) for k in keys]
-        found: dict[str, bytes] = {}
+        values: list[bytes | None] = [None] * len(keys)
         try:
-            # One pipelined round trip for the common all-hit case; on any miss, ask per key.
-            found = dict(zip(keys, self.hot.get_many(keys), strict=True))
-        except NotFoundError:
-            try:
-                for key in dict.fromkeys(keys):
-                    with contextlib.suppress(NotFoundError):
-                        found[key] = self.hot.get(key)
-            except BackendUnavailableError as exc:
-                self._warn("get", exc)
+            values = self.hot.try_get_many(keys)  # one pipelined round trip
         except BackendUnavailableError as exc:
             self._warn("get", exc)
-        missing = [k for k in dict.fromkeys(keys) if k not in found]
-        if missing:
-            values = self.cold.get_many(missing)
-            found.update(zip(missing, values, strict=True))
+        missing = list(dict.fromkeys(k for k, v in zip(keys, values, strict=True) if v is None))
+        if not missing:
+            return values
+        from_cold = dict(zip(missing, self.cold.try_get_many(missing), strict=True))
+        found = [(k, v) for k, v in from_cold.items() if v is not None]
+        if found:
             try:
-                self.hot.put_many(list(zip(missing, values, strict=True)), self.hot_ttl_s)
+                self.hot.put_many(found, self.hot_ttl_s)
             except BackendUnavailableError as exc:
                 self._warn("repopulate", exc)
-        return [found[k] for k in keys]
+        return [v if v is not None else from_cold[k] for k, v in zip(keys, values, strict=True)]
 
     def exists(self, key: str) -> bool:
         try:

@@ -117,3 +117,10 @@ def test_invalid_keys_rejected(store: Store, key: str) -> None:
 def test_non_bytes_value_rejected(store: Store) -> None:
     with pytest.raises(InvalidInputError):
         store.put("k", "text is not bytes")  # type: ignore[arg-type]
+
+
+def test_try_get_many_reports_missing_as_none(store: Store) -> None:
+    store.put_many({"p/a": b"A", "p/big": os.urandom(9 * MiB)})
+    got = store.try_get_many(["p/a", "p/missing", "p/big", "p/a"])
+    assert got[0] == b"A" and got[1] is None and got[3] == b"A"
+    assert got[2] is not None and len(got[2]) == 9 * MiB
