@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -76,3 +77,26 @@ def test_delete_prefix_prunes_empty_directories(tmp_path: Path) -> None:
     assert store.delete_prefix("t/c1") == 2
     assert not (tmp_path / "t" / "c1").exists()
     assert store.get("t/c2/0") == b"c"
+
+
+def test_reader_never_sees_a_partial_write(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    values = [bytes([b]) * (1 << 20) for b in (0xA1, 0xB2)]
+    store.put("race", values[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.put("race", values[i % 2])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(100):
+            assert store.get("race") in values
+    finally:
+        stop.set()
+        thread.join()
+    assert [p.name for p in tmp_path.iterdir()] == ["race@"]
