@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,25 +162,25 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
-def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **options: object) -> Store:
+def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **options: Any) -> Store:
     """A fresh store of ``kind`` in its own namespace/prefix/directory (servers from the fixtures)."""
     tag = "t" + uuid.uuid4().hex[:12]
     if kind == "local":
-        return LocalStore(tmp_path / "store", **options)  # type: ignore[arg-type]
+        return LocalStore(tmp_path / "store", **options)
     if kind in ("redis", "redis-cluster"):
         from kvwire.server.storage.redis import RedisClusterStore, RedisStore
 
         if kind == "redis":
-            return RedisStore(request.getfixturevalue("redis_url"), namespace=tag, **options)  # type: ignore[arg-type]
+            return RedisStore(request.getfixturevalue("redis_url"), namespace=tag, **options)
         url = request.getfixturevalue("redis_cluster_url")
-        return RedisClusterStore(url, namespace=tag, **options)  # type: ignore[arg-type]
+        return RedisClusterStore(url, namespace=tag, **options)
     if kind == "s3":
         from kvwire.server.storage.s3 import S3Store
 
         endpoint = request.getfixturevalue("s3_endpoint")
         return S3Store(
             "kvwire-test", endpoint_url=endpoint, prefix=tag, create_bucket=True, **S3_CREDENTIALS, **options
-        )  # type: ignore[arg-type]
+        )
     if kind == "tiered":
         from kvwire.server.storage.tiered import TieredStore
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any, cast
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_invalid_keys_rejected(store: Store, key: str) -> None:
 
 def test_non_bytes_value_rejected(store: Store) -> None:
     with pytest.raises(InvalidInputError):
-        store.put("k", "text is not bytes")  # type: ignore[arg-type]
+        store.put("k", cast(Any, "text is not bytes"))
 
 
 def test_try_get_many_reports_missing_as_none(store: Store) -> None:

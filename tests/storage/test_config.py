@@ -58,15 +58,17 @@ def test_open_store_for_each_kind(
     kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     url = request.getfixturevalue("redis_cluster_url" if kind == "redis-cluster" else "redis_url")
-    settings = StorageSettings(
-        store=kind,  # type: ignore[arg-type]
-        redis_url=url,
-        redis_namespace="cfg-test",
-        s3_endpoint=request.getfixturevalue("s3_endpoint"),
-        s3_bucket="kvwire-config-test",
-        s3_create_bucket=True,
-        s3_access_key_id="testing",
-        s3_secret_access_key="testing",  # type: ignore[arg-type]
+    settings = StorageSettings.model_validate(
+        {
+            "store": kind,
+            "redis_url": url,
+            "redis_namespace": "cfg-test",
+            "s3_endpoint": request.getfixturevalue("s3_endpoint"),
+            "s3_bucket": "kvwire-config-test",
+            "s3_create_bucket": True,
+            "s3_access_key_id": "testing",
+            "s3_secret_access_key": "testing",
+        }
     )
     with open_store(settings) as store:
         store.put("x", b"y", ttl_s=30)

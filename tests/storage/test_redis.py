@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
-def small_parts(request: pytest.FixtureRequest, tmp_path: Path) -> RedisStore:
+def small_parts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RedisStore]:
     """A Redis store that splits values above 1 KiB into parts, so parts are cheap to test."""
     store = make_store(request.param, request, tmp_path, part_bytes=1024)
     assert isinstance(store, RedisStore)
@@ -128,13 +130,18 @@ def test_reader_never_sees_a_mix_of_two_writes(small_parts: RedisStore) -> None:
 
 
 def test_batches_are_one_round_trip(small_parts: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    executes = []
+    executes: list[int] = []
     real_pipeline = small_parts._client.pipeline
 
-    def counting_pipeline(*args: object, **kwargs: object) -> object:
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
         pipe = real_pipeline(*args, **kwargs)
         real_execute = pipe.execute
-        pipe.execute = lambda *a, **k: executes.append(1) or real_execute(*a, **k)
+
+        def execute(*a: Any, **k: Any) -> Any:
+            executes.append(1)
+            return real_execute(*a, **k)
+
+        pipe.execute = execute
         return pipe
 
     monkeypatch.setattr(small_parts._client, "pipeline", counting_pipeline)

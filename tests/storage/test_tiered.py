@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def tiered(request: pytest.FixtureRequest, tmp_path: Path) -> TieredStore:
+def tiered(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TieredStore]:
     store = make_store("tiered", request, tmp_path)
     assert isinstance(store, TieredStore)
     yield store
