@@ -74,3 +74,15 @@ def test_open_store_for_each_kind(
         store.put("x", b"y", ttl_s=30)
         assert store.get("x") == b"y"
         assert store.delete("x")
+
+
+def test_local_default_imports_no_backend_client_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvwire.server.storage as s; "
+        "assert not {'redis', 'boto3', 'botocore'} & set(sys.modules), sorted(sys.modules); "
+        "assert s.RedisStore.__name__ == 'RedisStore'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
