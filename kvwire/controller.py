@@ -278,17 +278,38 @@ def _dominates(a: _Option, b: _Option) -> bool:
 def _plan_lookahead(
     options: Sequence[Sequence[_Option]], start_s: float, compute_free_s: float, deadline_s: float
 ) -> tuple[list[_Option], float, bool]:
-    """Best-quality plan that meets the deadline: the fastest plan, then greedy upgrades.
+    """Best-quality plan that meets the deadline, by greedy upgrades from two starting plans.
 
-    Upgrades go one level at a time in rounds, last chunk first, so the plan keeps its slack early (the
-    chunks about to be sent are the ones whose throughput estimate is freshest, and anything saved now is
-    spent by the next re-plan). A chunk that cannot go one level up is tried as text (which is exact).
-    Returns (plan, predicted completion, feasible).
+    Starts: the fastest plan (exact, `_fastest_plan`) and the best uniform-level plan that meets the
+    deadline (what CacheGen's rule would assume), if any; the better result wins, so the lookahead never
+    plans worse quality than CacheGen's rule would at the same throughput. Upgrades go one level at a time
+    in rounds, last chunk first, so the plan keeps its slack early (anything saved now is spent by the next
+    re-plan, with a fresher throughput estimate). A chunk that cannot go one level up is tried as text
+    (which is exact). Returns (plan, predicted completion, feasible).
     """
-    plan = _fastest_plan(options, start_s, compute_free_s)
+    fastest = _fastest_plan(options, start_s, compute_free_s)
+    fastest_completion = _completion(start_s, compute_free_s, fastest)
+    if fastest_completion > deadline_s:
+        return fastest, fastest_completion, False
+    starts = [fastest]
+    for rank in range(len(options[0]) - 1):
+        uniform = [opts[1 + rank] for opts in options]
+        if _completion(start_s, compute_free_s, uniform) <= deadline_s:
+            starts.append(uniform)
+            break
+    results = [_upgrade(options, plan, start_s, compute_free_s, deadline_s) for plan in starts]
+    plan, completion = min(results, key=lambda r: (sum(o.loss for o in r[0]), r[1]))
+    return plan, completion, True
+
+
+def _upgrade(
+    options: Sequence[Sequence[_Option]],
+    plan: list[_Option],
+    start_s: float,
+    compute_free_s: float,
+    deadline_s: float,
+) -> tuple[list[_Option], float]:
     completion = _completion(start_s, compute_free_s, plan)
-    if completion > deadline_s:
-        return plan, completion, False
     changed = True
     while changed:
         changed = False
@@ -304,7 +325,7 @@ def _plan_lookahead(
                 if trial_completion <= deadline_s:
                     plan, completion, changed = trial, trial_completion, True
                     break
-    return plan, completion, True
+    return plan, completion
 
 
 def _plan_cachegen(
