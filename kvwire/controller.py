@@ -111,6 +111,8 @@ class Mode:
     kind: Literal["fixed_level", "text", "adaptive"]
     level: int | None = None
     slo_s: float | None = None
+    margin: float = 0.0
+    floor_bytes_per_s: float | None = None
 
     @classmethod
     def fixed_level(cls, level: int) -> Mode:
@@ -121,10 +123,27 @@ class Mode:
         return cls("text")
 
     @classmethod
-    def adaptive(cls, slo_s: float) -> Mode:
+    def adaptive(cls, slo_s: float, margin: float = 0.0, floor_bytes_per_s: float | None = None) -> Mode:
+        """Meet `slo_s` (seconds from request start to the whole cache being ready).
+
+        margin: plan against `slo_s * (1 - margin)`, keeping a share of the budget for surprises.
+        floor_bytes_per_s: insure against a sudden drop to this throughput: the next chunk is only sent
+        at a level from which the fastest continuation would still meet the deadline if the link fell to
+        the floor right now (when no option is insurable, the policy's choice stands). See
+        docs/controller.md.
+        """
         if not (math.isfinite(slo_s) and slo_s > 0):
             raise InvalidInputError(f"SLO must be finite and > 0 seconds, got {slo_s}")
-        return cls("adaptive", slo_s=slo_s)
+        if not (0 <= margin < 1):
+            raise InvalidInputError(f"margin must be in [0, 1), got {margin}")
+        if floor_bytes_per_s is not None and not (math.isfinite(floor_bytes_per_s) and floor_bytes_per_s > 0):
+            raise InvalidInputError(f"floor_bytes_per_s must be finite and > 0, got {floor_bytes_per_s}")
+        return cls("adaptive", slo_s=slo_s, margin=margin, floor_bytes_per_s=floor_bytes_per_s)
+
+    @property
+    def deadline_s(self) -> float | None:
+        """The completion time the adaptive policies plan against."""
+        return None if self.slo_s is None else self.slo_s * (1 - self.margin)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -404,21 +423,64 @@ def choose_next(
         if mode.level not in sorted_levels:
             raise InvalidInputError(f"fixed level {mode.level} is not one of {sorted_levels}")
         return _decision(chunk, options[1 + sorted_levels.index(mode.level)], "fixed level")
-    if mode.slo_s is None or bytes_per_s is None:
+    deadline = mode.deadline_s
+    if deadline is None or bytes_per_s is None:
         raise InvalidInputError("adaptive mode needs an SLO and a throughput estimate")
     if policy not in POLICIES:
         raise InvalidInputError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     compute_free = elapsed_s if compute_free_s is None else compute_free_s
     all_options = [_chunk_options(c, sorted_levels, costs, bytes_per_s) for c in remaining]
     if policy == "cachegen":
-        option, completion, feasible = _plan_cachegen(all_options, elapsed_s, compute_free, mode.slo_s)
+        option, completion, feasible = _plan_cachegen(all_options, elapsed_s, compute_free, deadline)
         reason = (
             "cachegen: best uniform level within SLO" if feasible else "cachegen: SLO infeasible, fastest"
         )
-        return _decision(chunk, option, reason, completion)
-    plan, completion, feasible = _plan_lookahead(all_options, elapsed_s, compute_free, mode.slo_s)
-    reason = "lookahead: best plan within SLO" if feasible else "lookahead: SLO infeasible, fastest plan"
-    return _decision(chunk, plan[0], reason, completion)
+    else:
+        plan, completion, feasible = _plan_lookahead(all_options, elapsed_s, compute_free, deadline)
+        option = plan[0]
+        reason = "lookahead: best plan within SLO" if feasible else "lookahead: SLO infeasible, fastest plan"
+    if mode.floor_bytes_per_s is not None:
+        insured = _insure(
+            option,
+            all_options[0],
+            remaining,
+            sorted_levels,
+            costs,
+            mode.floor_bytes_per_s,
+            elapsed_s,
+            compute_free,
+            deadline,
+        )
+        if insured is not option:
+            option, reason = insured, reason + "; lowered to stay insured against the floor throughput"
+    return _decision(chunk, option, reason, completion)
+
+
+def _insure(
+    chosen: _Option,
+    first_options: Sequence[_Option],
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    costs: CostModel,
+    floor_bytes_per_s: float,
+    start_s: float,
+    compute_free_s: float,
+    deadline_s: float,
+) -> _Option:
+    """The best-quality option for the next chunk, no bigger than `chosen`, whose worst case (this chunk
+    and every later one at the floor throughput, later ones sent as fast as possible) meets the deadline;
+    `chosen` itself if it is insured or if nothing is."""
+    floor_options = [_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining]
+
+    def worst_case(first: _Option) -> float:
+        at_floor = floor_options[0][first_options.index(first)]
+        plan = _fastest_plan([[at_floor], *floor_options[1:]], start_s, compute_free_s)
+        return _completion(start_s, compute_free_s, plan)
+
+    if worst_case(chosen) <= deadline_s:
+        return chosen
+    insured = [o for o in first_options if o.nbytes < chosen.nbytes and worst_case(o) <= deadline_s]
+    return min(insured, key=lambda o: (o.loss, o.nbytes)) if insured else chosen
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -432,18 +494,21 @@ class ThroughputEstimator:
 
     method "harmonic": harmonic mean of the last `window` samples' throughputs, as in MPC-style ABR
     (Yin et al., SIGCOMM'15): one fast outlier barely moves it, a slow one pulls it down, which is the safe
-    direction for a deadline. method "last": the last sample, as CacheGen does. `safety` (<= 1) scales the
-    prediction down. Before any sample, `prior_bytes_per_s` is returned.
+    direction for a deadline. method "robust": the harmonic mean divided by (1 + the largest relative
+    prediction error over the last `window` samples), RobustMPC's discount: no discount on a steady link,
+    a large one on a jumpy link. method "last": the last sample, as CacheGen does. `safety` (<= 1) scales
+    the prediction down. Before any sample, `prior_bytes_per_s` is returned.
     """
 
-    method: Literal["harmonic", "last"] = "harmonic"
+    method: Literal["harmonic", "robust", "last"] = "harmonic"
     window: int = 5
     safety: float = 1.0
     prior_bytes_per_s: float | None = None
     _samples: deque[float] = field(default_factory=deque, init=False, repr=False)
+    _errors: deque[float] = field(default_factory=deque, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.method not in ("harmonic", "last"):
+        if self.method not in ("harmonic", "robust", "last"):
             raise InvalidInputError(f"unknown estimator method {self.method!r}")
         if self.window < 1:
             raise InvalidInputError("window must be >= 1")
@@ -454,12 +519,21 @@ class ThroughputEstimator:
         ):
             raise InvalidInputError("prior_bytes_per_s must be finite and > 0")
         self._samples = deque(maxlen=self.window)
+        self._errors = deque(maxlen=self.window)
 
     def add_sample(self, nbytes: int, seconds: float) -> None:
         """One finished transfer of `nbytes` that took `seconds` (wall time of the transfer alone)."""
         if nbytes <= 0 or not (math.isfinite(seconds) and seconds > 0):
             raise InvalidInputError(f"bad throughput sample ({nbytes} bytes, {seconds} s)")
-        self._samples.append(nbytes / seconds)
+        actual = nbytes / seconds
+        if self._samples or self.prior_bytes_per_s is not None:
+            predicted = self._harmonic() if self._samples else self.prior_bytes_per_s
+            assert predicted is not None
+            self._errors.append(abs(predicted - actual) / actual)
+        self._samples.append(actual)
+
+    def _harmonic(self) -> float:
+        return len(self._samples) / sum(1.0 / s for s in self._samples)
 
     @property
     def can_predict(self) -> bool:
@@ -473,8 +547,10 @@ class ThroughputEstimator:
             return self.prior_bytes_per_s * self.safety
         if self.method == "last":
             estimate = self._samples[-1]
+        elif self.method == "robust":
+            estimate = self._harmonic() / (1.0 + max(self._errors, default=0.0))
         else:
-            estimate = len(self._samples) / sum(1.0 / s for s in self._samples)
+            estimate = self._harmonic()
         return estimate * self.safety
 
 

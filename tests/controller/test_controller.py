@@ -247,3 +247,41 @@ def test_bad_inputs_rejected() -> None:
     ):
         with pytest.raises(InvalidInputError):
             bad()
+
+
+def test_floor_insurance_lowers_the_next_chunk() -> None:
+    # 8 chunks; at 1 GB/s level 0 fits easily, but if the link fell to 10 MB/s right after a level-0
+    # chunk, no continuation would make the deadline: the insured choice is smaller. (Recompute is too
+    # slow for text to be an option.)
+    chunks = tuple(ChunkOption(i, 256, {0: 8_000_000, 1: 2_000_000, 2: 500_000}) for i in range(8))
+    costs = CostModel(recompute_s_per_token=1e-2)
+    plain = choose_next(chunks, LEVELS, Mode.adaptive(1.0), costs, elapsed_s=0.0, bytes_per_s=1e9)
+    insured = choose_next(
+        chunks, LEVELS, Mode.adaptive(1.0, floor_bytes_per_s=1e7), costs, elapsed_s=0.0, bytes_per_s=1e9
+    )
+    assert (plain.kind, plain.level) == ("kv", 0)
+    assert insured.kind == "kv" and insured.level is not None and insured.level > 0
+    assert "insured" in insured.reason
+    worst = pipeline_completion(0.0, 0.0, [(insured.expected_bytes / 1e7, 0.0)] + [(5e5 / 1e7, 0.0)] * 7)
+    assert worst <= 1.0
+
+
+def test_margin_plans_against_a_shorter_deadline() -> None:
+    chunks = tuple(ChunkOption(i, 256, {0: 4_000_000, 1: 2_000_000, 2: 1_000_000}) for i in range(4))
+    costs = CostModel(recompute_s_per_token=1.0)
+    plan = plan_remaining(chunks, LEVELS, costs, elapsed_s=0.0, bytes_per_s=1e7, slo_s=0.8)
+    d = choose_next(chunks, LEVELS, Mode.adaptive(1.0, margin=0.2), costs, elapsed_s=0.0, bytes_per_s=1e7)
+    assert (d.kind, d.level) == (plan[0].kind, plan[0].level)
+    assert d.predicted_completion_s is not None and d.predicted_completion_s <= 0.8
+    with pytest.raises(InvalidInputError):
+        Mode.adaptive(1.0, margin=1.0)
+    with pytest.raises(InvalidInputError):
+        Mode.adaptive(1.0, floor_bytes_per_s=0.0)
+
+
+def test_robust_estimator_discounts_by_recent_error() -> None:
+    est = ThroughputEstimator(method="robust", window=4, prior_bytes_per_s=100.0)
+    est.add_sample(100, 1.0)
+    assert est.predict() == pytest.approx(100.0)  # prediction was exact: no discount
+    est.add_sample(50, 1.0)  # predicted 100, got 50: error 1.0
+    assert est.predict() == pytest.approx((2 / (1 / 100 + 1 / 50)) / 2)
