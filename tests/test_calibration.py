@@ -86,11 +86,6 @@ def test_tiny_llama_profile_validates_round_trips_and_is_deterministic() -> None
     assert not np.array_equal(reseeded.layer_weight, profile.layer_weight)
 
 
-@pytest.mark.xfail(
-    reason="kernels/profile.py: safetensors writes __metadata__ in random (Rust HashMap) order, "
-    "so to_bytes() and the digest differ between calls",
-    strict=False,
-)
 def test_profile_digest_survives_a_byte_round_trip() -> None:
     profile = calibrate(tiny_llama(), FakeTokenizer(), **FAST)
     digests = {CalibrationProfile.from_bytes(profile.to_bytes()).digest for _ in range(8)}
