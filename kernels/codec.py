@@ -118,10 +118,13 @@ def encode_chunk(
     token_start: int = 0,
     model_fingerprint: str | None = None,
     lanes: int = DEFAULT_LANES,
+    base_step: float | None = None,
 ) -> EncodedChunk:
     """Encode one chunk ``[layers, 2, kv_heads, tokens, head_dim]`` at ``level``.
 
     ``token_start`` is the absolute position of the chunk's first token (RoPE and sinks depend on it).
+    ``base_step`` overrides the level's quantisation step (rate-distortion sweeps); the decoder reads
+    the steps from the chunk, so any value decodes.
     """
     if level not in LEVELS:
         raise InvalidInputError(f"level must be one of {LEVELS}, not {level!r}")
@@ -129,6 +132,9 @@ def encode_chunk(
         raise InvalidInputError(f"lanes must be in 1..{fmt.MAX_LANES}")
     if not 0 <= token_start < 2**32 - fmt.MAX_TOKENS:
         raise InvalidInputError(f"token_start {token_start} out of range")
+    if base_step is not None and not 1e-6 <= base_step <= 1e6:
+        raise InvalidInputError(f"base_step {base_step} out of range")
+    step0 = LEVEL_STEPS[level] if base_step is None else base_step
     x, dtype = _canonical(kv, profile)
     L, _, H, T, D = x.shape
     G, hpg, d = profile.groups, profile.heads_per_group, profile.group_dim
@@ -145,7 +151,7 @@ def encode_chunk(
     exp = np.zeros((L, 2, G), dtype=np.int16)
     for layer in range(L):
         for k in range(2):
-            m, e = _step_code(LEVEL_STEPS[level] * float(profile.layer_weight[layer, k]))
+            m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
             mant[layer, k], exp[layer, k] = m, e
             steps[layer, k] = m * 2.0**-e
     with np.errstate(over="ignore", invalid="ignore"):  # overflow rows become raw tokens below
