@@ -106,7 +106,7 @@ class JobQueue(ABC):
         """Process jobs until ``stop`` is set. Backend outages are retried after a pause."""
         while not stop.is_set():
             try:
-                self.process_one(handler, consumer=consumer, block_s=0.5)
+                self.process_one(handler, consumer=consumer, block_s=0.2)
             except BackendUnavailableError:
                 stop.wait(1.0)
 
