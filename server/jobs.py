@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from kvwire.errors import BackendUnavailableError, KvwireError, NotFoundError, RateLimitError
 
@@ -212,7 +213,8 @@ class RedisJobQueue(JobQueue):
 
         self._redis_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
         self._response_error = redis.ResponseError
-        self.name = f"job queue at {url.split('@')[-1]}"
+        parts = urlsplit(url)  # name the server, never the password
+        self.name = f"redis job queue at {parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
         self._r = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s + 1.0,  # XREADGROUP BLOCK must outlast its block time
