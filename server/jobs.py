@@ -334,8 +334,11 @@ class RedisJobQueue(JobQueue):
         )
         return int(info[0]["times_delivered"]) if info else 1
 
-    def _finish(self, entry_id: bytes) -> None:
+    def _finish(self, entry_id: bytes, job_id: str | None = None) -> None:
+        """Acknowledge and drop the stream entry; the finished job's request (token ids) is dropped too."""
         pipe = self._r.pipeline(transaction=True)
+        if job_id is not None:
+            pipe.hdel(self._job_key(job_id), "request")
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
         self._call(pipe.execute)
@@ -358,7 +361,7 @@ class RedisJobQueue(JobQueue):
         if self._deliveries(entry_id) > self.max_deliveries:
             err = {"type": "InternalError", "message": "job abandoned by workers too many times"}
             self._set(job_id, (old_state, "failed"), state="failed", error=err)
-            self._finish(entry_id)
+            self._finish(entry_id, job_id)
             return True
         self._set(job_id, (old_state, "running") if old_state != "running" else None, state="running")
 
@@ -375,5 +378,5 @@ class RedisJobQueue(JobQueue):
             self._set(job_id, ("running", "failed"), state="failed", error=error_dict(exc))
         else:
             self._set(job_id, ("running", "done"), state="done")
-        self._finish(entry_id)
+        self._finish(entry_id, job_id)
         return True

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from kvwire.errors import InvalidInputError, LimitExceededError, NotFoundError
+from kvwire.errors import InvalidInputError, LimitExceededError, ModelMismatchError, NotFoundError
 from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job, JobQueue, RedisJobQueue
 from kvwire.server.storage import Store, open_store
@@ -256,6 +256,12 @@ class Worker:
         self.default_level = codec.default_level if codec.default_level in self.levels else self.levels[0]
         self.max_context_tokens = max_context_tokens
         self.fingerprint = fingerprint or model_fingerprint(model, tokenizer)
+        profile_model = getattr(profile, "model_fingerprint", None)
+        if profile_model and profile_model != self.fingerprint:
+            raise ModelMismatchError(
+                f"profile {profile.digest[:12]} was calibrated for model {profile_model[:12]}, "
+                f"not {self.fingerprint[:12]}"
+            )
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         key = profile_key(profile.digest)
         if not store.exists(key):

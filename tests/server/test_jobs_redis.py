@@ -116,6 +116,7 @@ def test_crashed_workers_job_is_reclaimed(redis_url: str, namespace: str) -> Non
     time.sleep(0.4)  # the entry is idle longer than claim_idle_s now
     assert survivor.process_one(lambda r, p: seen.append(r.context_id), consumer="survivor", block_s=0.1)
     assert seen == ["c1"] and producer.get(job.id).state == "done"
+    assert producer._r.hget(producer._job_key(job.id), "request") is None  # token ids dropped when done
     assert producer._r.xpending(producer.stream, producer.group)["pending"] == 0
 
 

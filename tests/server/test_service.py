@@ -13,6 +13,7 @@ from kvwire.errors import (
     BackendUnavailableError,
     InvalidInputError,
     LimitExceededError,
+    ModelMismatchError,
     NotFoundError,
     RateLimitError,
 )
@@ -128,6 +129,13 @@ def test_text_ingest(worker: Worker) -> None:
     manifest = worker.ingest(IngestRequest(tenant="alice", context_id="t", text="hello world " * 10))
     assert manifest.total_tokens == 120
     assert "".join(c.text for c in manifest.chunks) == "hello world " * 10
+
+
+def test_profile_of_another_model_is_refused(model: Any, store: Store, settings: ServiceSettings) -> None:
+    profile = FakeProfile()
+    profile.model_fingerprint = "f" * 64  # type: ignore[attr-defined]
+    with pytest.raises(ModelMismatchError):
+        make_worker(model, store, FakeCodec(), settings, profile=profile)
 
 
 def test_levels_subset(model: Any, store: Store, settings: ServiceSettings) -> None:
