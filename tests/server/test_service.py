@@ -323,3 +323,36 @@ def test_settings_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVWIRE_CONFIG_FILE", str(path))
     s = ServiceSettings()
     assert s.port == 9000 and s.api_keys == {hash_api_key("key"): "t"}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+
+
+def test_build_service_embedded(model: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-configuration wiring: local store, in-process queue, a worker thread on the loaded model."""
+    import kvwire.model
+    from kvwire.server.service import build_service
+
+    from .conftest import CharTokenizer, make_settings
+
+    loaded: list[Any] = []
+
+    def fake_load(name_or_path: Any = None, device: Any = None, **kw: Any) -> Any:
+        loaded.append((name_or_path, device))
+        return model, CharTokenizer()
+
+    monkeypatch.setattr(kvwire.model, "load_model", fake_load)
+    settings = make_settings(tmp_path, device="cpu", levels="0,4")
+    service = build_service(settings, codec=FakeCodec(), calibrate=lambda m, t: FakeProfile())
+    try:
+        assert loaded == [(None, "cpu")] and isinstance(service.jobs, InProcessJobQueue)
+        assert service.worker is not None and service.worker.levels == (0, 4)
+        job = service.ingest("alice", token_ids=ids(300), context_id="big")
+        assert isinstance(job, Job)
+        assert wait_job(service, "alice", job.id).state == "done"
+        service.health()
+    finally:
+        service.close()
+    api_only = build_service(settings, with_worker=False)
+    assert api_only.worker is None
+    api_only.close()
