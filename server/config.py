@@ -82,6 +82,7 @@ class ServiceSettings(BaseSettings):
     # {sha256(key) hex: tenant}. Empty: no authentication, every request is tenant ``default_tenant``.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     default_tenant: str = "default"
+    allow_anonymous: bool = False  # serve without API keys on a non-loopback address
 
     model: str | None = None  # model directory or .gguf; None = the bundled SmolLM2-135M-Instruct
     device: str | None = None  # None = cuda if available, else cpu

@@ -267,7 +267,9 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "InternalError", "internal server error")
 
-    # -- metrics middleware
+    # -- middleware: the body limit runs inside the metrics, so that refused requests are counted
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -282,8 +284,6 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
             path = getattr(route, "path", "unmatched")
             metrics.requests.labels(request.method, path, str(status)).inc()
             metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
-
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     # -- endpoints
 
@@ -389,6 +389,17 @@ def _etag_matches(header: str | None, checksum: str) -> bool:
     return checksum in tags
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(settings: ServiceSettings | None = None) -> None:
     """Build the service from ``settings`` and run the REST API with uvicorn until interrupted."""
     import uvicorn
@@ -396,6 +407,11 @@ def serve(settings: ServiceSettings | None = None) -> None:
     from kvwire.server.service import build_service
 
     settings = settings or ServiceSettings()
+    if not settings.auth_enabled and not settings.allow_anonymous and not _is_loopback(settings.host):
+        raise InvalidInputError(
+            f"refusing to serve without API keys on {settings.host}: set KVWIRE_API_KEYS "
+            "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
+        )
     service = build_service(settings)
     try:
         uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from kvwire import cli
+from kvwire.errors import InvalidInputError
 from kvwire.server.config import ServiceSettings
 
 
@@ -18,6 +19,13 @@ def test_serve_passes_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVWIRE_CHUNK_TOKENS", "128")
     assert cli.main(["serve", "--port", "9123", "--host", "0.0.0.0"]) == 0
     assert seen[0].port == 9123 and seen[0].host == "0.0.0.0" and seen[0].chunk_tokens == 128
+
+
+def test_serve_refuses_anonymous_public_bind(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvwire.server.rest import serve
+
+    with pytest.raises(InvalidInputError, match="KVWIRE_API_KEYS"):
+        serve(ServiceSettings(host="0.0.0.0", api_keys=""))
 
 
 def test_worker_needs_redis(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -173,6 +173,7 @@ def test_size_limits_are_413(client: TestClient, settings: ServiceSettings) -> N
     # Within the byte limit but over the token limit.
     assert_error(client.post("/v1/contexts", json={"token_ids": [1] * 2001}, headers=ALICE), 413)
     assert_error(client.post("/v1/contexts", json={"text": "z" * 2001}, headers=ALICE), 413)
+    assert 'route="unmatched",status="413"} 2.0' in client.get("/metrics").text  # refused, still counted
 
 
 def test_queue_full_is_429(store: Store, worker: Any, tmp_path: Path) -> None:
