@@ -9,6 +9,7 @@ docs/service.md, "Jobs".
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from kvwire.errors import BackendUnavailableError, KvwireError, NotFoundError, RateLimitError
+
+log = logging.getLogger(__name__)
 
 JobState = Literal["queued", "running", "done", "failed"]
 JOB_STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
@@ -193,7 +196,8 @@ class RedisJobQueue(JobQueue):
     ``ns:jobs:counts``. A worker takes new entries with ``XREADGROUP`` and acknowledges with ``XACK``
     only after the job's outcome is recorded. Before reading new entries it runs ``XAUTOCLAIM`` for
     entries idle longer than ``claim_idle_s``, so a job whose worker crashed is taken over; a live
-    worker refreshes its claim (``XCLAIM`` to itself) on every progress update. A job delivered
+    worker's heartbeat thread refreshes its claim (``XCLAIM`` to itself) every ``claim_idle_s / 4``
+    while the job runs. A job delivered
     ``max_deliveries`` times without finishing is marked failed.
     """
 
@@ -367,9 +371,15 @@ class RedisJobQueue(JobQueue):
 
         def progress(done: int, total: int) -> None:
             self._set(job_id, chunks_done=done, chunks_total=total)
-            # Refresh our claim so that XAUTOCLAIM elsewhere sees the entry as busy, not idle.
-            self._call(lambda: self._r.xclaim(self.stream, self.group, consumer, 0, [entry_id], justid=True))
 
+        stop_heartbeat = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat,
+            args=(entry_id, consumer, stop_heartbeat),
+            name=f"kvwire-heartbeat-{job_id}",
+            daemon=True,
+        )
+        heartbeat.start()
         try:
             handler(request, progress)
         except Exception as exc:
@@ -378,5 +388,21 @@ class RedisJobQueue(JobQueue):
             self._set(job_id, ("running", "failed"), state="failed", error=error_dict(exc))
         else:
             self._set(job_id, ("running", "done"), state="done")
+        finally:
+            stop_heartbeat.set()
+            heartbeat.join()
         self._finish(entry_id, job_id)
         return True
+
+    def _heartbeat(self, entry_id: bytes, consumer: str, stop: threading.Event) -> None:
+        """Refresh our claim on ``entry_id`` (``XCLAIM`` to ourselves resets its idle time) until ``stop``.
+
+        Runs beside the handler, so a job stays ours through a long prefill that reports no progress;
+        when the worker process dies, the heartbeat dies with it and ``XAUTOCLAIM`` elsewhere takes over.
+        """
+        interval = max(0.02, self.claim_idle_ms / 1000 / 4)
+        while not stop.wait(interval):
+            try:
+                self._r.xclaim(self.stream, self.group, consumer, 0, [entry_id], justid=True)
+            except self._redis_errors as exc:  # the next beat may get through; the job goes on
+                log.warning("heartbeat for %s failed: %s", entry_id, exc)
