@@ -84,7 +84,10 @@ class KernelsCodec:
 
 def default_calibrate(model: Any, tokenizer: Any) -> Profile:
     """``kvwire.calibration.load_or_calibrate`` (imported on first use)."""
-    from kvwire.calibration import load_or_calibrate  # type: ignore[import-not-found,unused-ignore]
+    try:
+        from kvwire.calibration import load_or_calibrate  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise NotFoundError(f"calibration is not available in this build: {exc}") from exc
 
     profile: Profile = load_or_calibrate(model, tokenizer)
     return profile
