@@ -4,7 +4,7 @@ For every (layer, K/V, head group) the profile holds a mean and a decorrelating 
 real text (PCA in a distortion-weighted space, see ``fit_profile``), plus per-(layer, K/V) step
 multipliers (layer sensitivity) and the rotary-embedding frequencies needed to take RoPE off the keys.
 It is a versioned artifact: serialised with safetensors (no pickle), identified by the SHA-256 of its
-bytes, referenced by that digest from every chunk, and checked on decode.
+canonical content, referenced by that digest from every chunk, and checked on decode.
 
 The inverse transform is stored as 16-bit integers with a power-of-two scale, so that decoding is
 exact integer arithmetic and bit-identical on CPU and GPU (docs/format.md, "Reconstruction").
@@ -12,6 +12,7 @@ exact integer arithmetic and bit-identical on CPU and GPU (docs/format.md, "Reco
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ BASIS_BITS = 14  # |basis_int| < 2**14: keeps every decode accumulation exact in
 MAX_GROUP_DIM = 8192
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CalibrationProfile:
     """Transform parameters for one model. Shapes: L layers, G head groups, d = heads_per_group * D.
 
@@ -146,7 +147,10 @@ class CalibrationProfile:
             "basis_exp": (L, 2, G),
             "layer_weight": (L, 2),
         }
+        dtypes = {"mean": np.float32, "basis": np.int16, "basis_exp": np.int8, "layer_weight": np.float32}
         for name, shape in expect.items():
+            if getattr(self, name).dtype != dtypes[name]:
+                raise InvalidInputError(f"profile {name} has dtype {getattr(self, name).dtype}, expected {dtypes[name]}")
             if getattr(self, name).shape != shape:
                 raise InvalidInputError(f"profile {name} has shape {getattr(self, name).shape}, expected {shape}")
         if self.has_rope and (self.inv_freq.ndim != 1 or 2 * self.inv_freq.size > self.head_dim):
@@ -163,10 +167,35 @@ class CalibrationProfile:
             raise InvalidInputError("profile sink token count out of range")
 
 
+def profile_digest(profile: CalibrationProfile) -> str:
+    """SHA-256 over a canonical form of the profile (sorted config JSON, then each tensor's name, dtype,
+    shape and bytes), so that the digest does not depend on how a serialiser orders its header."""
+    config = json.dumps(
+        {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "model_fingerprint": profile.model_fingerprint,
+            "layers": profile.layers,
+            "kv_heads": profile.kv_heads,
+            "head_dim": profile.head_dim,
+            "heads_per_group": profile.heads_per_group,
+            "rope_scaling": profile.rope_scaling,
+            "sink_tokens": profile.sink_tokens,
+            "notes": profile.notes,
+        },
+        sort_keys=True,
+    )
+    h = hashlib.sha256(config.encode())
+    for name in ("basis", "basis_exp", "inv_freq", "layer_weight", "mean"):
+        arr = np.ascontiguousarray(getattr(profile, name))
+        h.update(f"|{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def with_digest(profile: CalibrationProfile) -> CalibrationProfile:
-    """Return the profile with its digest (SHA-256 of its serialised bytes) filled in."""
-    digest = hashlib.sha256(profile.to_bytes()).hexdigest()
-    return CalibrationProfile(**{**profile.__dict__, "digest": digest})
+    """Return the profile with its digest filled in (see ``profile_digest``)."""
+    return dataclasses.replace(profile, digest=profile_digest(profile))
 
 
 def check_profile_matches(profile: CalibrationProfile, digest_prefix: bytes) -> None:

@@ -90,38 +90,35 @@ def _encode_segment(
     n_live = live.shape[0]
     if active == 0:
         return 0
-    # Lane g codes live components g, g+active, ... ; its s-th symbol is component s // T, token s % T.
-    per_lane = np.zeros(active, dtype=np.int64)
-    for i in range(n_live):
-        per_lane[i % active] += 1
-    max_steps = per_lane[0] * n_tok
+    # Lane g codes live components g, g+active, ...: its s-th symbol is token s % T of its (s // T)-th
+    # component. The decoder walks s upwards and lanes upwards; the encoder walks both downwards.
     x = np.empty(active, dtype=np.uint64)
     for g in range(active):
         x[g] = STATE_LOW
     sp = 0
-    for s in range(max_steps - 1, -1, -1):
-        j = s // n_tok
-        t = s - j * n_tok
-        for g in range(active - 1, -1, -1):
-            if j >= per_lane[g]:
-                continue
-            c = live[j * active + g]
-            cl = classes[c]
-            sym, nb, raw = _to_symbol(values[c, t])
-            xs = x[g]
-            if nb > 0:
-                if xs >= (np.uint64(STATE_LOW >> nb) << np.uint64(16)):
+    n_blocks = (n_live + active - 1) // active
+    main_limit = np.uint64((STATE_LOW >> PROB_BITS) << 16)
+    for j in range(n_blocks - 1, -1, -1):
+        na = min(active, n_live - j * active)
+        for t in range(n_tok - 1, -1, -1):
+            for g in range(na - 1, -1, -1):
+                c = live[j * active + g]
+                cl = classes[c]
+                sym, nb, raw = _to_symbol(values[c, t])
+                xs = x[g]
+                if nb > 0:
+                    if xs >= (np.uint64(STATE_LOW >> nb) << np.uint64(16)):
+                        out_words[sp] = xs & np.uint64(0xFFFF)
+                        sp += 1
+                        xs >>= np.uint64(16)
+                    xs = (xs << np.uint64(nb)) | np.uint64(raw)
+                f = np.uint64(freq[cl, sym])
+                if xs >= main_limit * f:
                     out_words[sp] = xs & np.uint64(0xFFFF)
                     sp += 1
                     xs >>= np.uint64(16)
-                xs = (xs << np.uint64(nb)) | np.uint64(raw)
-            f = np.uint64(freq[cl, sym])
-            if xs >= (np.uint64((STATE_LOW >> PROB_BITS) << 16) * f):
-                out_words[sp] = xs & np.uint64(0xFFFF)
-                sp += 1
-                xs >>= np.uint64(16)
-            xs = ((xs // f) << np.uint64(PROB_BITS)) + (xs % f) + np.uint64(cum[cl, sym])
-            x[g] = xs
+                xs = ((xs // f) << np.uint64(PROB_BITS)) + (xs % f) + np.uint64(cum[cl, sym])
+                x[g] = xs
     for g in range(active):
         out_states[g] = np.uint32(x[g])
     # The decoder reads words in the reverse order of their emission.
@@ -153,6 +150,20 @@ def encode_segments(
 
 
 @numba.njit(cache=True)
+def symbol_histograms(values: np.ndarray) -> np.ndarray:
+    """Per-component symbol counts of int32 [n_seg, d, T] values: float64 [n_seg * d, NUM_SYMBOLS]."""
+    n_seg, d, n_tok = values.shape
+    hist = np.zeros((n_seg * d, NUM_SYMBOLS), dtype=np.float64)
+    for seg in range(n_seg):
+        for c in range(d):
+            row = seg * d + c
+            for t in range(n_tok):
+                sym, _, _ = _to_symbol(values[seg, c, t])
+                hist[row, sym] += 1.0
+    return hist
+
+
+@numba.njit(cache=True)
 def decode_segments(
     words: np.ndarray,  # uint16
     offsets: np.ndarray,  # int64 [n_seg+1]
@@ -174,53 +185,55 @@ def decode_segments(
     n_seg = classes.shape[0]
     lanes = states.shape[1]
     mask = np.uint64(PROB_SCALE - 1)
+    comp = np.empty(lanes, dtype=np.int64)
+    ccls = np.empty(lanes, dtype=np.int64)
     for seg in range(n_seg):
         _, live, active = lane_plan(classes[seg], lanes)
         n_live = live.shape[0]
         ptr = offsets[seg]
         end = offsets[seg + 1]
+        if ptr > end or end > words.shape[0]:
+            return seg + 1
         if active == 0:
             if ptr != end:
                 return seg + 1
             continue
-        per_lane = np.zeros(active, dtype=np.int64)
-        for i in range(n_live):
-            per_lane[i % active] += 1
         x = np.empty(active, dtype=np.uint64)
         for g in range(active):
             x[g] = np.uint64(states[seg, g])
             if x[g] < STATE_LOW:
                 return seg + 1
-        max_steps = per_lane[0] * n_tok
-        for s in range(max_steps):
-            j = s // n_tok
-            t = s - j * n_tok
-            for g in range(active):
-                if j >= per_lane[g]:
-                    continue
-                c = live[j * active + g]
-                cl = classes[seg, c]
-                xs = x[g]
-                slot = xs & mask
-                sym = lut[cl, slot]
-                xs = np.uint64(freq[cl, sym]) * (xs >> np.uint64(PROB_BITS)) + slot - np.uint64(cum[cl, sym])
-                if xs < STATE_LOW:
-                    if ptr >= end:
-                        return seg + 1
-                    xs = (xs << np.uint64(16)) | np.uint64(words[ptr])
-                    ptr += 1
-                nb = extra_bits[sym]
-                raw = 0
-                if nb > 0:
-                    raw = np.int64(xs & np.uint64((1 << nb) - 1))
-                    xs >>= np.uint64(nb)
+        n_blocks = (n_live + active - 1) // active
+        for j in range(n_blocks):
+            na = min(active, n_live - j * active)
+            for g in range(na):
+                comp[g] = live[j * active + g]
+                ccls[g] = classes[seg, comp[g]]
+            for t in range(n_tok):
+                for g in range(na):
+                    cl = ccls[g]
+                    xs = x[g]
+                    slot = xs & mask
+                    sym = lut[cl, slot]
+                    xs = np.uint64(freq[cl, sym]) * (xs >> np.uint64(PROB_BITS)) + slot - np.uint64(cum[cl, sym])
                     if xs < STATE_LOW:
                         if ptr >= end:
                             return seg + 1
                         xs = (xs << np.uint64(16)) | np.uint64(words[ptr])
                         ptr += 1
-                x[g] = xs
-                out[seg, c, t] = _from_symbol(sym, raw)
+                    nb = extra_bits[sym]
+                    if nb > 0:
+                        raw = np.int64(xs & np.uint64((1 << nb) - 1))
+                        xs >>= np.uint64(nb)
+                        if xs < STATE_LOW:
+                            if ptr >= end:
+                                return seg + 1
+                            xs = (xs << np.uint64(16)) | np.uint64(words[ptr])
+                            ptr += 1
+                        out[seg, comp[g], t] = _from_symbol(sym, raw)
+                    else:
+                        out[seg, comp[g], t] = sym - DIRECT_MAX
+                    x[g] = xs
         if ptr != end:
             return seg + 1
         for g in range(active):

@@ -37,11 +37,11 @@ def apply_rope(keys: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
 
 
 def remove_rope(keys: np.ndarray, cos: np.ndarray, sin: np.ndarray, scaling: float = 1.0) -> np.ndarray:
-    """Inverse of ``apply_rope`` in float64 (encoder side; exactness is not needed here)."""
+    """Inverse of ``apply_rope`` (encoder side, float32; exactness is not needed here)."""
     r = cos.shape[1]
-    k = np.asarray(keys, dtype=np.float64)
-    c = cos.astype(np.float64) / (scaling * scaling)
-    s = sin.astype(np.float64) / (scaling * scaling)
+    k = np.asarray(keys, dtype=np.float32)
+    c = cos / np.float32(scaling * scaling)
+    s = sin / np.float32(scaling * scaling)
     rot = k[..., :r]
     out = k.copy()
     out[..., :r] = rot * c - _rotate_half(rot) * s

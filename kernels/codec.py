@@ -1,0 +1,375 @@
+"""Encode a KV chunk into a kvwire bitstream and back (CPU reference path).
+
+Pipeline per chunk (canonical KV ``[layers, 2, kv_heads, tokens, head_dim]``, keys post-RoPE):
+
+1. take RoPE off the keys (positions ``token_start + t``);
+2. per (layer, K/V, head group): subtract the profile mean and project onto the profile basis
+   (PCA in a distortion-weighted space) -> decorrelated coefficients ``[tokens, d]``;
+3. quantise uniformly with one step per (layer, K/V): level step x the profile's layer weight;
+4. attention-sink tokens and tokens whose coefficients overflow the coder range are stored raw;
+5. each component picks its cheapest table from the shipped bank; interleaved rANS codes the rest.
+
+Decoding inverts this with exact integer arithmetic (docs/format.md, "Reconstruction"), so the same
+bytes give the same tensor on every device.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvwire.errors import CorruptChunkError, InvalidInputError, ModelMismatchError
+from kvwire.kernels import format as fmt
+from kvwire.kernels import rans
+from kvwire.kernels.profile import CalibrationProfile, check_profile_matches
+from kvwire.kernels.tables import TABLE_BANK_VERSION, choose_tables, table_bank
+from kvwire.kernels.transform import apply_rope, remove_rope, rope_tables
+
+# Base quantisation step per level, in units where the calibrated profile predicts a mean KL of about
+# 0.01 nats/token at step 1.0 (kvwire.calibration). Level 0 is the best quality, 4 the smallest.
+LEVEL_STEPS: tuple[float, ...] = (0.3, 0.6, 1.0, 1.6, 2.6)
+LEVELS: tuple[int, ...] = tuple(range(len(LEVEL_STEPS)))
+DEFAULT_LEVEL = 2
+DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_LANES = 32
+DEADZONE = 0.0
+CODEC_VERSION = fmt.FORMAT_VERSION
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One chunk's bitstream plus the header fields callers route on."""
+
+    data: bytes
+    level: int
+    token_start: int
+    n_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def checksum(self) -> int:
+        """CRC-32 stored in the header (covers the whole chunk)."""
+        return int.from_bytes(self.data[fmt.HEADER_SIZE - 4 : fmt.HEADER_SIZE], "little")
+
+    @property
+    def header(self) -> fmt.ChunkHeader:
+        return fmt.read_header(self.data)
+
+
+def fingerprint_bytes(model_fingerprint: str | None) -> bytes:
+    """The 16 bytes of a model fingerprint stored in chunk headers (all zero when unknown)."""
+    if not model_fingerprint:
+        return b"\0" * 16
+    try:
+        raw = bytes.fromhex(model_fingerprint)
+    except ValueError:
+        raw = zlib.crc32(model_fingerprint.encode()).to_bytes(4, "little")
+    return (raw + b"\0" * 16)[:16]
+
+
+def _step_code(step: float) -> tuple[int, int]:
+    """Represent ``step`` as mant * 2**-exp with an 8-bit mantissa in [128, 255]."""
+    exp = int(np.floor(np.log2(255.0 / step)))
+    mant = int(np.rint(step * 2.0**exp))
+    if mant > 255:
+        exp -= 1
+        mant = int(np.rint(step * 2.0**exp))
+    return mant, exp
+
+
+def _canonical(kv: torch.Tensor | np.ndarray, profile: CalibrationProfile) -> tuple[np.ndarray, str]:
+    """Validate a KV tensor against the profile; return it as a float32 numpy copy plus its dtype name."""
+    if isinstance(kv, np.ndarray):
+        kv = torch.from_numpy(kv)
+    if not isinstance(kv, torch.Tensor):
+        raise InvalidInputError(f"KV must be a torch tensor or numpy array, not {type(kv).__name__}")
+    dtype = {v: k for k, v in _TORCH_DTYPES.items()}.get(kv.dtype)
+    if dtype is None:
+        raise InvalidInputError(f"KV dtype {kv.dtype} is not supported (float16, bfloat16 or float32)")
+    expect = (profile.layers, 2, profile.kv_heads, profile.head_dim)
+    if kv.ndim != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expect:
+        raise InvalidInputError(
+            f"KV shape {tuple(kv.shape)} does not match the profile's layout "
+            f"[{profile.layers}, 2, {profile.kv_heads}, tokens, {profile.head_dim}]"
+        )
+    if not 0 < kv.shape[3] <= fmt.MAX_TOKENS:
+        raise InvalidInputError(f"a chunk holds 1 to {fmt.MAX_TOKENS} tokens, not {kv.shape[3]}")
+    x = kv.detach().to("cpu", torch.float32).numpy().copy()
+    if not np.isfinite(x).all():
+        raise InvalidInputError("KV holds NaN or Inf values; kvwire does not encode non-finite caches")
+    return x, dtype
+
+
+def encode_chunk(
+    kv: torch.Tensor | np.ndarray,
+    profile: CalibrationProfile,
+    *,
+    level: int = DEFAULT_LEVEL,
+    token_start: int = 0,
+    model_fingerprint: str | None = None,
+    lanes: int = DEFAULT_LANES,
+) -> EncodedChunk:
+    """Encode one chunk ``[layers, 2, kv_heads, tokens, head_dim]`` at ``level``.
+
+    ``token_start`` is the absolute position of the chunk's first token (RoPE and sinks depend on it).
+    """
+    if level not in LEVELS:
+        raise InvalidInputError(f"level must be one of {LEVELS}, not {level!r}")
+    if not 0 < lanes <= fmt.MAX_LANES:
+        raise InvalidInputError(f"lanes must be in 1..{fmt.MAX_LANES}")
+    if not 0 <= token_start < 2**32 - fmt.MAX_TOKENS:
+        raise InvalidInputError(f"token_start {token_start} out of range")
+    x, dtype = _canonical(kv, profile)
+    L, _, H, T, D = x.shape
+    G, hpg, d = profile.groups, profile.heads_per_group, profile.group_dim
+    positions = np.arange(token_start, token_start + T)
+    if profile.has_rope:
+        cos, sin = rope_tables(positions, profile.inv_freq, profile.rope_scaling)
+        x[:, 0] = remove_rope(x[:, 0], cos, sin, profile.rope_scaling)
+    # [L, 2, H, T, D] -> [L, 2, G, T, d]: heads of a group side by side along the feature axis.
+    xg = x.reshape(L, 2, G, hpg, T, D).transpose(0, 1, 2, 4, 3, 5).reshape(L, 2, G, T, d)
+    coeff = np.matmul(xg - profile.mean[:, :, :, None, :], profile_forward(profile))  # float32: the
+    # encoder needs no exactness, any rounding of the coefficients is what gets coded.
+    steps = np.zeros((L, 2))
+    mant = np.zeros((L, 2, G), dtype=np.uint16)
+    exp = np.zeros((L, 2, G), dtype=np.int16)
+    for layer in range(L):
+        for k in range(2):
+            m, e = _step_code(LEVEL_STEPS[level] * float(profile.layer_weight[layer, k]))
+            mant[layer, k], exp[layer, k] = m, e
+            steps[layer, k] = m * 2.0**-e
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow rows become raw tokens below
+        scaled = coeff * (1.0 / steps)[:, :, None, None, None].astype(np.float32)
+    # Dead-zone rounding: magnitudes round down unless past ``0.5 + DEADZONE`` of a step, which saves
+    # more rate than it costs in distortion on these Laplacian-like coefficients (measured, see docs).
+    q = np.trunc(scaled + np.copysign(np.float32(0.5 - DEADZONE), scaled))
+    # Raw tokens: attention sinks, and (layer, K/V, token) rows whose coefficients overflow the coder.
+    raw = ~(np.abs(q) <= rans.MAX_ABS_VALUE).all(axis=(2, 4))  # [L, 2, T]; NaN from inf - inf too
+    n_sink = max(0, min(T, profile.sink_tokens - token_start))
+    raw[:, :, :n_sink] = True
+    q = np.where(raw[:, :, None, :, None], 0.0, q).astype(np.int32)
+    symbols = np.ascontiguousarray(q.transpose(0, 1, 2, 4, 3).reshape(L * 2 * G, d, T))
+    classes, _ = choose_tables(rans.symbol_histograms(symbols))
+    classes = classes.reshape(L * 2 * G, d)
+    bank = table_bank()
+    words, offsets, states = rans.encode_segments(symbols, classes, lanes, bank.freq, bank.cum)
+    raw_index = np.flatnonzero(raw.reshape(-1)).astype(np.uint32)
+    raw_values = _raw_token_bytes(kv, raw, dtype)
+    header = fmt.ChunkHeader(
+        version=fmt.FORMAT_VERSION,
+        dtype=dtype,
+        level=level,
+        layers=L,
+        kv_heads=H,
+        head_dim=D,
+        heads_per_group=hpg,
+        lanes=lanes,
+        table_bank=TABLE_BANK_VERSION,
+        token_start=token_start,
+        n_tokens=T,
+        n_raw=int(raw_index.size),
+        n_words=int(words.size),
+        model_fingerprint=fingerprint_bytes(model_fingerprint),
+        profile_digest=bytes.fromhex(profile.digest)[:16],
+        payload_size=0,
+    )
+    sections = fmt.ChunkSections(
+        step_mant=mant.reshape(-1),
+        step_exp=exp.reshape(-1),
+        classes=classes,
+        states=states,
+        offsets=offsets.astype(np.uint32),
+        words=words,
+        raw_index=raw_index,
+        raw_values=raw_values,
+    )
+    return EncodedChunk(fmt.pack_chunk(header, sections), level, token_start, T)
+
+
+_FORWARD_CACHE: dict[str, np.ndarray] = {}
+
+
+def profile_forward(profile: CalibrationProfile) -> np.ndarray:
+    """The encoder matrices of a profile, cached by digest (inverting them costs a few ms)."""
+    fwd = _FORWARD_CACHE.get(profile.digest)
+    if fwd is None:
+        fwd = profile.forward_matrix().astype(np.float32)
+        _FORWARD_CACHE[profile.digest] = fwd
+    return fwd
+
+
+def _raw_token_bytes(kv: torch.Tensor | np.ndarray, raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Original values of the raw (layer, K/V, token) rows: uint8 [n_raw, H, D, dtype bytes]."""
+    t = torch.from_numpy(kv) if isinstance(kv, np.ndarray) else kv.detach().to("cpu")
+    layer, k, tok = np.nonzero(raw)
+    if layer.size == 0:
+        return np.zeros((0, t.shape[2], t.shape[4], fmt.DTYPE_BYTES[dtype]), dtype=np.uint8)
+    rows = t[torch.from_numpy(layer), torch.from_numpy(k), :, torch.from_numpy(tok), :].contiguous()
+    return rows.view(torch.uint8).numpy().reshape(layer.size, t.shape[2], t.shape[4], fmt.DTYPE_BYTES[dtype])
+
+
+def decode_chunk(
+    data: bytes | memoryview,
+    profile: CalibrationProfile,
+    *,
+    model_fingerprint: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Decode one chunk into ``[layers, 2, kv_heads, tokens, head_dim]`` (keys post-RoPE).
+
+    Raises CorruptChunkError (malformed, truncated, checksum), UnsupportedVersionError,
+    ProfileMismatchError (encoded with another profile) or ModelMismatchError (``model_fingerprint``
+    given and different from the chunk's).
+    """
+    h, sec = fmt.parse_chunk(data)
+    check_profile_matches(profile, h.profile_digest)
+    if model_fingerprint is not None and h.model_fingerprint != fingerprint_bytes(model_fingerprint):
+        raise ModelMismatchError(
+            f"chunk belongs to model {h.model_fingerprint.hex()}, not {fingerprint_bytes(model_fingerprint).hex()}"
+        )
+    if (h.layers, h.kv_heads, h.head_dim, h.heads_per_group) != (
+        profile.layers,
+        profile.kv_heads,
+        profile.head_dim,
+        profile.heads_per_group,
+    ):
+        raise CorruptChunkError("chunk layout does not match its calibration profile")
+    if h.table_bank != TABLE_BANK_VERSION:
+        raise CorruptChunkError(f"chunk uses rANS table bank {h.table_bank}, this build has {TABLE_BANK_VERSION}")
+    bank = table_bank()
+    if np.any(sec.classes >= bank.n_tables):
+        raise CorruptChunkError("chunk names a table outside the bank")
+    if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(np.abs(sec.step_exp) > 120):
+        raise CorruptChunkError("chunk holds an invalid quantisation step")
+    q = reconstruct_coefficients(h, sec)
+    out = reconstruct(h, sec, q, profile)
+    result = torch.from_numpy(out)
+    target = dtype or _TORCH_DTYPES[h.dtype]
+    result = result.to(_TORCH_DTYPES[h.dtype])
+    _overwrite_raw(result, h, sec)
+    return result.to(device=device or "cpu", dtype=target)
+
+
+def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.ndarray:
+    """Entropy-decode every segment: int32 [segments, d, tokens]."""
+    bank = table_bank()
+    q = np.zeros((h.segments, h.group_dim, h.n_tokens), dtype=np.int32)
+    status = rans.decode_segments(
+        sec.words,
+        sec.offsets.astype(np.int64),
+        sec.states,
+        sec.classes,
+        h.n_tokens,
+        bank.freq,
+        bank.cum,
+        bank.lut,
+        rans.symbol_extra_bits(),
+        q,
+    )
+    if status:
+        raise CorruptChunkError(f"entropy-coded segment {status - 1} is corrupt")
+    return q
+
+
+def reconstruct(h: fmt.ChunkHeader, sec: fmt.ChunkSections, q: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
+    """Exact inverse transform: float32 [layers, 2, kv_heads, tokens, head_dim] (raw rows not yet placed)."""
+    L, G, hpg, D, T, d = h.layers, h.groups, h.heads_per_group, h.head_dim, h.n_tokens, h.group_dim
+    out = np.empty((L, 2, G, T, d), dtype=np.float32)
+    basis = profile.basis.reshape(L * 2 * G, d, d)
+    basis_exp = profile.basis_exp.reshape(-1).astype(np.int64)
+    mean = profile.mean.reshape(L * 2 * G, d)
+    flat = out.reshape(L * 2 * G, T, d)
+    for seg in range(L * 2 * G):
+        live = np.flatnonzero(sec.classes[seg])
+        if live.size:
+            # basis * mant * 2**-(exp + basis_exp) is exact (an integer times a power of two), and every
+            # product and partial sum of the GEMM is a multiple of that power of two below 2**53 in
+            # magnitude, so the float64 GEMM is exact whatever order the BLAS sums in.
+            scale = np.ldexp(float(sec.step_mant[seg]), -(int(sec.step_exp[seg]) + int(basis_exp[seg])))
+            rows = basis[seg, live].astype(np.float64) * scale
+            np.add(np.matmul(q[seg, live].T.astype(np.float64), rows), 0.0, out=flat[seg], casting="same_kind")
+            flat[seg] += mean[seg]
+        else:
+            flat[seg] = mean[seg]
+    x = out.reshape(L, 2, G, T, hpg, D).transpose(0, 1, 2, 4, 3, 5).reshape(L, 2, G * hpg, T, D)
+    x = np.ascontiguousarray(x)
+    if profile.has_rope:
+        cos, sin = rope_tables(np.arange(h.token_start, h.token_start + T), profile.inv_freq, profile.rope_scaling)
+        x[:, 0] = apply_rope(x[:, 0], cos, sin)
+    return x
+
+
+def _overwrite_raw(result: torch.Tensor, h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> None:
+    if h.n_raw == 0:
+        return
+    idx = sec.raw_index.astype(np.int64)
+    layer, rest = np.divmod(idx, 2 * h.n_tokens)
+    k, tok = np.divmod(rest, h.n_tokens)
+    values = torch.from_numpy(np.ascontiguousarray(sec.raw_values).copy()).view(result.dtype)
+    values = values.reshape(h.n_raw, h.kv_heads, h.head_dim)
+    result[torch.from_numpy(layer), torch.from_numpy(k), :, torch.from_numpy(tok), :] = values
+
+
+def split_tokens(n_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[tuple[int, int]]:
+    """Token ranges ``[start, end)`` of the chunks of a context."""
+    if chunk_tokens <= 0 or chunk_tokens > fmt.MAX_TOKENS:
+        raise InvalidInputError(f"chunk_tokens must be in 1..{fmt.MAX_TOKENS}")
+    return [(s, min(s + chunk_tokens, n_tokens)) for s in range(0, n_tokens, chunk_tokens)]
+
+
+def encode_kv(
+    kv: torch.Tensor | np.ndarray,
+    profile: CalibrationProfile,
+    *,
+    levels: Sequence[int] = LEVELS,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    model_fingerprint: str | None = None,
+    token_start: int = 0,
+) -> list[dict[int, EncodedChunk]]:
+    """Encode a whole context: for each chunk of ``chunk_tokens`` tokens, a bitstream per level."""
+    if kv.ndim != 5:
+        raise InvalidInputError(f"KV must be [layers, 2, kv_heads, tokens, head_dim], got shape {tuple(kv.shape)}")
+    chunks = []
+    for start, end in split_tokens(int(kv.shape[3]), chunk_tokens):
+        part = kv[:, :, :, start:end]
+        chunks.append(
+            {
+                lv: encode_chunk(
+                    part, profile, level=lv, token_start=token_start + start, model_fingerprint=model_fingerprint
+                )
+                for lv in levels
+            }
+        )
+    return chunks
+
+
+def decode_chunks(
+    chunks: Iterable[bytes | memoryview],
+    profile: CalibrationProfile,
+    *,
+    model_fingerprint: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Decode consecutive chunks and join them along the token axis; checks they are contiguous."""
+    parts = []
+    expect = None
+    for data in chunks:
+        start = fmt.read_header(data).token_start
+        if expect is not None and start != expect:
+            raise InvalidInputError(f"chunks are not contiguous: expected token {expect}, got {start}")
+        part = decode_chunk(data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype)
+        parts.append(part)
+        expect = start + part.shape[3]
+    if not parts:
+        raise InvalidInputError("no chunks to decode")
+    return torch.cat(parts, dim=3)

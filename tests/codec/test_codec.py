@@ -1,0 +1,239 @@
+"""Chunk codec: round trips within the quantisation bound, raw tokens exact, bad input typed errors."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvwire.errors import (
+    CorruptChunkError,
+    InvalidInputError,
+    ModelMismatchError,
+    ProfileMismatchError,
+    UnsupportedVersionError,
+)
+from kvwire.kernels import codec
+from kvwire.kernels import format as fmt
+from kvwire.kernels.profile import CalibrationProfile
+
+from .conftest import make_profile, synthetic_kv
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def error_bound(profile: CalibrationProfile, level: int, x: torch.Tensor) -> torch.Tensor:
+    """Worst-case reconstruction error per (layer, K/V) and channel for a non-raw token."""
+    basis = np.abs(profile.basis_float())  # [L, 2, G, d, d]
+    steps = codec.LEVEL_STEPS[level] * profile.layer_weight.astype(np.float64)  # [L, 2]
+    per_dim = 0.5 * (1 + 1 / 128) * steps[:, :, None, None] * basis.sum(axis=3)  # [L, 2, G, d]
+    L, _, H, _, D = x.shape
+    per_dim = per_dim.reshape(L, 2, H, 1, D)
+    bound = torch.from_numpy(per_dim).float()
+    if profile.has_rope:  # rotation mixes each channel with its pair: bound both by the larger
+        half = D // 2
+        pair = torch.maximum(bound[..., :half], bound[..., half:])
+        bound = bound.clone()
+        bound[:, 0] = torch.cat([pair, pair], dim=-1)[:, 0] * 2
+    eps = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[x.dtype]
+    return bound + eps * x.float().abs() + 1e-5
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tokens=st.integers(1, 300),
+    start=st.sampled_from([0, 2, 256, 5000]),
+    level=st.sampled_from(codec.LEVELS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 1000),
+    kind=st.sampled_from(["realistic", "all-equal-channels", "outliers", "tiny"]),
+)
+def test_roundtrip_within_bound(
+    profile: CalibrationProfile, tokens: int, start: int, level: int, dtype: torch.dtype, seed: int, kind: str
+) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, tokens, 8, seed=seed))
+    if kind == "all-equal-channels":
+        x[:, :, :, :, ::2] = 0.75
+    elif kind == "outliers":
+        big = 6e4 if dtype == torch.float16 else 1e30
+        x[1, 0, 1, tokens // 2, 3] = big
+        x[0, 1, 0, tokens - 1, 0] = -big
+    elif kind == "tiny":
+        x *= 1e-6
+    x = x.to(dtype)
+    chunk = codec.encode_chunk(x, profile, level=level, token_start=start, model_fingerprint="ab" * 32)
+    y = codec.decode_chunk(chunk.data, profile, model_fingerprint="ab" * 32)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert chunk.n_tokens == tokens and chunk.token_start == start and chunk.level == level
+    err = (y.float() - x.float()).abs()
+    assert torch.all(err <= error_bound(profile, level, x)), float(err.max())
+    sinks = max(0, min(tokens, profile.sink_tokens - start))
+    assert torch.equal(y[:, :, :, :sinks], x[:, :, :, :sinks])
+
+
+def test_outlier_rows_are_stored_exactly(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 40, 8))
+    x[1, 1, 0, 17, 2] = 3e38
+    y = codec.decode_chunk(codec.encode_chunk(x, profile, level=4, token_start=100).data, profile)
+    assert torch.equal(y[1, 1, :, 17], x[1, 1, :, 17])
+    assert torch.isfinite(y).all()
+
+
+def test_levels_trade_size_for_error(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 256, 8, seed=7))
+    sizes, errors = [], []
+    for level in codec.LEVELS:
+        chunk = codec.encode_chunk(x, profile, level=level, token_start=512)
+        y = codec.decode_chunk(chunk.data, profile)
+        sizes.append(chunk.nbytes)
+        errors.append(float(((y - x) ** 2).mean()))
+    assert sizes == sorted(sizes, reverse=True)
+    assert errors == sorted(errors)
+
+
+def test_decoding_is_deterministic_and_bytes_are_stable(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 64, 8, seed=9))
+    a = codec.encode_chunk(x, profile, level=2, token_start=64)
+    b = codec.encode_chunk(x.clone(), profile, level=2, token_start=64)
+    assert a.data == b.data
+    assert torch.equal(codec.decode_chunk(a.data, profile), codec.decode_chunk(a.data, profile))
+
+
+def test_grouped_heads_per_group_one() -> None:
+    prof = make_profile(layers=1, heads=4, head_dim=4, heads_per_group=1)
+    x = torch.from_numpy(synthetic_kv(1, 4, 33, 4))
+    y = codec.decode_chunk(codec.encode_chunk(x, prof, level=0, token_start=10).data, prof)
+    assert torch.all((y - x).abs() <= error_bound(prof, 0, x))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_rejected(profile: CalibrationProfile, value: float) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 8, 8))
+    x[0, 1, 1, 3, 2] = value
+    with pytest.raises(InvalidInputError, match="NaN or Inf"):
+        codec.encode_chunk(x, profile)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 2, 8), (3, 2, 2, 8, 8), (2, 2, 3, 8, 8), (2, 2, 2, 8, 6), (2, 2, 2, 0, 8)]
+)
+def test_wrong_shapes_are_rejected(profile: CalibrationProfile, shape: tuple[int, ...]) -> None:
+    with pytest.raises(InvalidInputError):
+        codec.encode_chunk(torch.zeros(shape), profile)
+
+
+def test_bad_arguments_are_rejected(profile: CalibrationProfile) -> None:
+    x = torch.zeros(2, 2, 2, 4, 8)
+    with pytest.raises(InvalidInputError):
+        codec.encode_chunk(x, profile, level=9)
+    with pytest.raises(InvalidInputError):
+        codec.encode_chunk(x.to(torch.int32), profile)
+    with pytest.raises(InvalidInputError):
+        codec.encode_chunk(x, profile, token_start=-1)
+
+
+def _refresh_crc(data: bytearray) -> bytes:
+    data[fmt.HEADER_SIZE - 4 : fmt.HEADER_SIZE] = b"\0\0\0\0"
+    crc = zlib.crc32(bytes(data[fmt.HEADER_SIZE :]), zlib.crc32(bytes(data[: fmt.HEADER_SIZE])))
+    data[fmt.HEADER_SIZE - 4 : fmt.HEADER_SIZE] = struct.pack("<I", crc)
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def chunk_bytes(profile: CalibrationProfile) -> bytes:
+    x = torch.from_numpy(synthetic_kv(2, 2, 50, 8, seed=11)).half()
+    return codec.encode_chunk(x, profile, level=1, token_start=0, model_fingerprint="ab" * 32).data
+
+
+def test_truncated_and_extended_chunks_are_rejected(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+    for cut in (0, 3, fmt.HEADER_SIZE - 1, fmt.HEADER_SIZE, len(chunk_bytes) // 2, len(chunk_bytes) - 1):
+        with pytest.raises(CorruptChunkError):
+            codec.decode_chunk(chunk_bytes[:cut], profile)
+    with pytest.raises(CorruptChunkError, match="trailing"):
+        codec.decode_chunk(chunk_bytes + b"\0", profile)
+
+
+def test_flipped_bits_are_detected(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        data = bytearray(chunk_bytes)
+        pos = int(rng.integers(len(data)))
+        data[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(CorruptChunkError):
+            codec.decode_chunk(bytes(data), profile)
+
+
+def test_corruption_behind_a_valid_checksum_never_crashes(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+    """With a forged CRC, a damaged stream gives a typed error or a well-formed tensor, never a crash.
+
+    The coder's end-state check catches most damage (tests/codec/test_rans.py); raw bits of large
+    coefficients carry no redundancy, so only the checksum can catch damage there.
+    """
+    h, _ = fmt.parse_chunk(chunk_bytes)
+    caught = 0
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        data = bytearray(chunk_bytes)
+        data[fmt.HEADER_SIZE + int(rng.integers(len(data) - fmt.HEADER_SIZE))] ^= 1 << int(rng.integers(8))
+        try:
+            y = codec.decode_chunk(_refresh_crc(data), profile)
+        except CorruptChunkError:
+            caught += 1
+        else:
+            assert y.shape == h.shape and y.dtype == torch.float16
+    assert caught > 0
+
+
+def test_header_fields_are_validated(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+    def patched(offset: int, fmt_: str, value: int) -> bytes:
+        data = bytearray(chunk_bytes)
+        struct.pack_into(fmt_, data, offset, value)
+        return _refresh_crc(data)
+
+    with pytest.raises(CorruptChunkError, match="magic"):
+        codec.decode_chunk(b"XXXX" + chunk_bytes[4:], profile)
+    with pytest.raises(UnsupportedVersionError, match="version 7"):
+        codec.decode_chunk(patched(4, "<H", 7), profile)
+    with pytest.raises(CorruptChunkError, match="dtype"):
+        codec.decode_chunk(patched(10, "<B", 9), profile)
+    # layer count 1024 with 65536 tokens claims ~2**31+ elements: refused before any allocation
+    data = bytearray(chunk_bytes)
+    struct.pack_into("<H", data, 12, 1024)
+    struct.pack_into("<I", data, 28, 65536)
+    with pytest.raises(CorruptChunkError):
+        codec.decode_chunk(_refresh_crc(data), profile)
+
+
+def test_wrong_profile_and_model_are_refused(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+    other = make_profile(layers=2, heads=2, head_dim=8, heads_per_group=1)
+    with pytest.raises(ProfileMismatchError):
+        codec.decode_chunk(chunk_bytes, other)
+    with pytest.raises(ModelMismatchError):
+        codec.decode_chunk(chunk_bytes, profile, model_fingerprint="cd" * 32)
+    codec.decode_chunk(chunk_bytes, profile, model_fingerprint="ab" * 32)
+
+
+def test_encode_kv_and_decode_chunks(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 300, 8, seed=5))
+    chunks = codec.encode_kv(x, profile, levels=[0, 3], chunk_tokens=128)
+    assert [c[0].token_start for c in chunks] == [0, 128, 256]
+    assert all(c[3].nbytes < c[0].nbytes for c in chunks)
+    y = codec.decode_chunks([c[0].data for c in chunks], profile)
+    assert y.shape == x.shape
+    mixed = codec.decode_chunks([chunks[0][0].data, chunks[1][3].data, chunks[2][0].data], profile)
+    assert mixed.shape == x.shape
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        codec.decode_chunks([chunks[0][0].data, chunks[2][0].data], profile)
+
+
+def test_profile_bytes_roundtrip_and_reject_garbage(profile: CalibrationProfile) -> None:
+    again = CalibrationProfile.from_bytes(profile.to_bytes())
+    assert again.digest == profile.digest
+    for junk in (b"", b"\0" * 100, profile.to_bytes()[:-10]):
+        with pytest.raises(InvalidInputError):
+            CalibrationProfile.from_bytes(junk)
