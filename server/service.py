@@ -66,10 +66,9 @@ class KernelsCodec:
 
     def __init__(self) -> None:
         from kvwire.kernels import codec
-        from kvwire.kernels.format import FORMAT_VERSION
 
         self._codec = codec
-        self.version = int(FORMAT_VERSION)
+        self.version = int(codec.CODEC_VERSION)
         self.levels = tuple(codec.LEVELS)
         self.default_level = int(codec.DEFAULT_LEVEL)
 
