@@ -47,3 +47,7 @@ class LimitExceededError(KvwireError):
 
 class AuthError(KvwireError):
     """Missing or invalid credentials, or access to another tenant's data."""
+
+
+class RateLimitError(LimitExceededError):
+    """Too many requests or queued jobs right now; the caller should retry later (HTTP 429)."""

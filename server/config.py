@@ -1,0 +1,152 @@
+"""Service configuration: one typed settings object, ``KVWIRE_*`` variables, with storage as a section.
+
+Precedence: keyword arguments > environment (``KVWIRE_PORT=8080``, ...) > the ``[service]`` table of
+the TOML file named by ``KVWIRE_CONFIG_FILE`` > defaults. Storage keeps its own variables and
+``[storage]`` table (:class:`~kvwire.server.storage.config.StorageSettings`) and is reached as
+``settings.storage``. The defaults run everything in one process with no other setup: local-disk
+store, in-process job queue, the bundled model, no authentication. See docs/service.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvwire.errors import InvalidInputError
+from kvwire.server.storage.config import StorageSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key: its sha256, lower-case hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_api_keys(spec: str | dict[str, str] | None) -> dict[str, str]:
+    """Parse ``"tenant1:key1,tenant2:sha256:<hex>"`` into ``{sha256(key): tenant}``.
+
+    Plain keys are hashed here, at load, so no plaintext key is kept in memory past this call. An
+    entry ``tenant:sha256:<64 hex>`` is taken as already hashed. A dict (from TOML) maps tenant to
+    key in either form.
+    """
+    if spec is None or spec == "":
+        return {}
+    pairs: list[tuple[str, str]]
+    if isinstance(spec, dict):
+        pairs = [(str(t), str(k)) for t, k in spec.items()]
+    else:
+        pairs = []
+        for entry in spec.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            tenant, sep, key = entry.partition(":")
+            if not sep or not key:
+                raise InvalidInputError("KVWIRE_API_KEYS entries are 'tenant:key' or 'tenant:sha256:<hex>'")
+            pairs.append((tenant.strip(), key.strip()))
+    hashed: dict[str, str] = {}
+    for tenant, key in pairs:
+        if not _TENANT.fullmatch(tenant):
+            raise InvalidInputError(f"tenant name {tenant!r} must match [A-Za-z0-9._-]{{1,64}}")
+        if key.startswith("sha256:") and _SHA256_HEX.fullmatch(key[7:].lower()):
+            digest = key[7:].lower()
+        else:
+            digest = hash_api_key(key)
+        if digest in hashed and hashed[digest] != tenant:
+            raise InvalidInputError("one API key is given to two tenants")
+        hashed[digest] = tenant
+    return hashed
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service, worker and REST API read; every field is ``KVWIRE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KVWIRE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # {sha256(key) hex: tenant}. Empty: no authentication, every request is tenant ``default_tenant``.
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    default_tenant: str = "default"
+    allow_anonymous: bool = False  # serve without API keys on a non-loopback address
+
+    model: str | None = None  # model directory or .gguf; None = the bundled SmolLM2-135M-Instruct
+    device: str | None = None  # None = cuda if available, else cpu
+    chunk_tokens: int = Field(default=256, gt=0, le=65536)
+    levels: tuple[int, ...] | None = None  # None = every codec level
+
+    max_context_tokens: int = Field(default=131072, gt=0)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    inline_max_tokens: int = Field(default=1024, ge=0)  # contexts up to this many tokens ingest inline
+    max_pending_jobs: int = Field(default=1000, gt=0)
+
+    jobs_redis_url: str | None = None  # None = in-process queue and worker thread
+    jobs_namespace: str = "kvwire"
+    jobs_claim_idle_s: float = Field(default=60.0, gt=0)  # reclaim a job whose worker went silent
+    jobs_max_deliveries: int = Field(default=3, gt=0)
+    jobs_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)  # job records expire (Redis queue)
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _hash_keys(cls, value: Any) -> dict[str, str]:
+        if isinstance(value, dict) and all(_SHA256_HEX.fullmatch(str(k)) for k in value):
+            return {str(k): str(v) for k, v in value.items()}  # already {hash: tenant}
+        return parse_api_keys(value)
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _parse_levels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(v) for v in value.split(",") if v.strip()) or None
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlServiceTable(settings_cls))
+
+
+class _TomlServiceTable(PydanticBaseSettingsSource):
+    """The ``[service]`` table of the TOML file named by ``KVWIRE_CONFIG_FILE`` (if set)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole table
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("KVWIRE_CONFIG_FILE")
+        if not path:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f).get("service", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInputError(f"cannot read KVWIRE_CONFIG_FILE {path!r}: {exc}") from exc
+        if not isinstance(table, dict):
+            raise InvalidInputError(f"{path}: [service] must be a table")
+        return table

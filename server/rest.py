@@ -1,0 +1,419 @@
+"""The REST API: a thin FastAPI layer over :class:`~kvwire.server.service.KvwireService`.
+
+Authentication (bearer API keys mapped to tenants), the request body size limit, Prometheus metrics
+and the one mapping from the typed ``kvwire.errors`` hierarchy to HTTP statuses live here and nowhere
+else. See docs/service.md for the endpoints.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvwire._version import __version__
+from kvwire.errors import (
+    AuthError,
+    BackendUnavailableError,
+    InvalidInputError,
+    KvwireError,
+    LimitExceededError,
+    NotFoundError,
+    RateLimitError,
+)
+from kvwire.server.config import ServiceSettings, hash_api_key
+from kvwire.server.jobs import Job
+from kvwire.server.service import ContextManifest, KvwireService
+
+log = logging.getLogger(__name__)
+
+# The one mapping from error types to HTTP statuses (most specific first).
+ERROR_STATUS: tuple[tuple[type[KvwireError], int], ...] = (
+    (InvalidInputError, 400),
+    (AuthError, 401),
+    (NotFoundError, 404),
+    (RateLimitError, 429),
+    (LimitExceededError, 413),
+    (BackendUnavailableError, 503),
+)
+
+
+def error_response(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def kvwire_error_response(exc: KvwireError) -> JSONResponse:
+    for cls, status in ERROR_STATUS:
+        if isinstance(exc, cls):
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            if status == 429:
+                headers = {"Retry-After": "5"}
+            return error_response(status, type(exc).__name__, str(exc), headers)
+    # Corrupt stored data, model/profile mismatches: a server-side fault, reported without internals.
+    log.error("internal kvwire error: %s: %s", type(exc).__name__, exc)
+    return error_response(500, type(exc).__name__, str(exc))
+
+
+# --------------------------------------------------------------------------------------- body limit
+
+
+class BodySizeLimit:
+    """Refuse request bodies above ``max_bytes`` with 413 before anything parses them.
+
+    ``Content-Length`` is checked first; a body without one (chunked) is read up to the limit here
+    and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_bytes
+            except ValueError:
+                too_big = True
+            if too_big:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body exceeds {self.max_bytes} bytes"
+        await error_response(413, "LimitExceededError", message)(scope, receive, send)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (several apps may live in one process)."""
+
+    def __init__(self, service: KvwireService):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "kvwire_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "kvwire_http_request_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+        self.bytes_served = Counter(
+            "kvwire_chunk_bytes_served", "chunk bitstream bytes sent", registry=self.registry
+        )
+        self.ingests = Counter(
+            "kvwire_ingest_requests", "ingest requests by outcome", ["outcome"], registry=self.registry
+        )
+        self.registry.register(_JobCollector(service))
+
+
+class _JobCollector:
+    """``kvwire_ingest_jobs{state}``: jobs per state, read from the queue at scrape time."""
+
+    def __init__(self, service: KvwireService):
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily("kvwire_ingest_jobs", "ingest jobs per state", labels=["state"])
+        try:
+            counts = self.service.jobs.counts()
+        except KvwireError:
+            return []
+        for state, n in counts.items():
+            family.add_metric([state], n)
+        return [family]
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+class IngestBody(BaseModel):
+    """A context to ingest: exactly one of ``text`` and ``token_ids``."""
+
+    text: str | None = None
+    token_ids: list[int] | None = Field(default=None, min_length=1)
+    context_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": desc}
+    for status, desc in (
+        (400, "invalid input"),
+        (401, "missing or invalid API key"),
+        (404, "unknown id (or another tenant's)"),
+        (413, "request or context too large"),
+        (429, "too many pending jobs"),
+        (503, "storage or job queue unavailable"),
+    )
+}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+# --------------------------------------------------------------------------------------------- auth
+
+
+def authenticate(request: Request) -> str:
+    """The tenant of the request's bearer key (or the default tenant when no keys are configured)."""
+    settings: ServiceSettings = request.app.state.settings
+    if not settings.auth_enabled:
+        return settings.default_tenant
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthError("missing 'Authorization: Bearer <key>' header")
+    digest = hash_api_key(key.strip())
+    tenant = None
+    for known, name in settings.api_keys.items():  # constant-time compare against every stored hash
+        if hmac.compare_digest(known, digest):
+            tenant = name
+    if tenant is None:
+        raise AuthError("invalid API key")
+    return tenant
+
+
+Tenant = Annotated[str, Depends(authenticate)]
+
+
+# ----------------------------------------------------------------------------------------------- app
+
+
+def create_app(service: KvwireService, settings: ServiceSettings | None = None) -> FastAPI:
+    """The REST app over ``service``; ``settings`` defaults to the service's."""
+    settings = settings or service.settings
+    metrics = Metrics(service)
+    app = FastAPI(
+        title="kvwire",
+        version=__version__,
+        description="Networked KV-cache streaming: ingest contexts, fetch their encoded KV chunks.",
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    # -- errors, mapped once
+
+    @app.exception_handler(KvwireError)
+    async def _kvwire_error(request: Request, exc: KvwireError) -> JSONResponse:
+        return kvwire_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()[:5]
+        )
+        return error_response(400, "InvalidInputError", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = {404: "NotFoundError", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return error_response(exc.status_code, type_, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "InternalError", "internal server error")
+
+    # -- middleware: the body limit runs inside the metrics, so that refused requests are counted
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.requests.labels(request.method, path, str(status)).inc()
+            metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+
+    # -- endpoints
+
+    @app.post(
+        "/v1/contexts",
+        status_code=201,
+        response_model=ContextManifest,
+        responses={202: {"model": Job, "description": "queued: poll GET /v1/jobs/{id}"}, **_ERRORS},
+        summary="Ingest a context (inline: 201 + manifest; long: 202 + job)",
+    )
+    async def ingest(body: IngestBody, tenant: Tenant) -> Any:
+        result = await run_in_threadpool(
+            service.ingest, tenant, text=body.text, token_ids=body.token_ids, context_id=body.context_id
+        )
+        if isinstance(result, Job):
+            metrics.ingests.labels("queued").inc()
+            location = {"Location": f"/v1/jobs/{result.id}"}
+            return JSONResponse(result.to_dict(), status_code=202, headers=location)
+        metrics.ingests.labels("inline").inc()
+        return JSONResponse(result.to_dict(), status_code=201)
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, responses=_ERRORS, summary="Ingest job state")
+    async def get_job(job_id: str, tenant: Tenant) -> Any:
+        job = await run_in_threadpool(service.job, tenant, job_id)
+        return JSONResponse(job.to_dict())
+
+    @app.get(
+        "/v1/contexts/{context_id}", response_model=ContextManifest, responses=_ERRORS, summary="Manifest"
+    )
+    async def get_context(context_id: str, tenant: Tenant) -> Any:
+        manifest = await run_in_threadpool(service.manifest, tenant, context_id)
+        return JSONResponse(manifest.to_dict())
+
+    @app.get(
+        "/v1/contexts/{context_id}/chunks/{index}",
+        response_class=Response,
+        responses={
+            200: {"content": _BINARY, "description": "the chunk bitstream (ETag = crc32 hex)"},
+            304: {"description": "not modified (If-None-Match matched)"},
+            **_ERRORS,
+        },
+        summary="One encoded chunk at one level",
+    )
+    async def get_chunk(
+        request: Request,
+        context_id: str,
+        index: int,
+        tenant: Tenant,
+        level: Annotated[int | None, Query(ge=0, description="quality level (default: manifest's)")] = None,
+    ) -> Response:
+        entry = await run_in_threadpool(service.chunk_entry, tenant, context_id, index, level)
+        etag = f'"{entry.checksum}"'
+        if _etag_matches(request.headers.get("if-none-match"), entry.checksum):
+            return Response(status_code=304, headers={"ETag": etag})
+        data = await run_in_threadpool(service.store.get, entry.key)
+        metrics.bytes_served.inc(len(data))
+        headers = {
+            "ETag": etag,
+            "X-Kvwire-Checksum": entry.checksum,
+            "X-Kvwire-Level": str(entry.level),
+            "Cache-Control": "private, max-age=31536000, immutable",
+        }
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @app.get(
+        "/v1/profiles/{digest}",
+        response_class=Response,
+        responses={200: {"content": _BINARY, "description": "calibration profile bytes"}, **_ERRORS},
+        summary="Calibration profile by digest",
+    )
+    async def get_profile(digest: str, tenant: Tenant) -> Response:
+        data = await run_in_threadpool(service.profile, digest)
+        metrics.bytes_served.inc(len(data))
+        return Response(data, media_type="application/octet-stream", headers={"ETag": f'"{digest}"'})
+
+    @app.delete("/v1/contexts/{context_id}", status_code=204, responses=_ERRORS, summary="Delete a context")
+    async def delete_context(context_id: str, tenant: Tenant) -> Response:
+        await run_in_threadpool(service.delete, tenant, context_id)
+        return Response(status_code=204)
+
+    @app.get("/healthz", summary="Liveness (no auth)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: _ERRORS[503]}, summary="Readiness: store and job queue answer")
+    async def readyz() -> dict[str, str]:
+        await run_in_threadpool(service.health)
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _etag_matches(header: str | None, checksum: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    tags = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
+    return checksum in tags
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: ServiceSettings | None = None) -> None:
+    """Build the service from ``settings`` and run the REST API with uvicorn until interrupted."""
+    import uvicorn
+
+    from kvwire.server.service import build_service
+
+    settings = settings or ServiceSettings()
+    if not settings.auth_enabled and not settings.allow_anonymous and not _is_loopback(settings.host):
+        raise InvalidInputError(
+            f"refusing to serve without API keys on {settings.host}: set KVWIRE_API_KEYS "
+            "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
+        )
+    service = build_service(settings)
+    try:
+        uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        service.close()

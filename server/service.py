@@ -1,0 +1,582 @@
+"""The service core that the REST (and later gRPC) API call: manifests, chunk keys, the worker, jobs.
+
+No HTTP here. The path of a context: text -> token ids -> KV cache (``kvwire.model.prefill_kv``) ->
+chunks of ``chunk_tokens`` -> one bitstream per chunk and level (``kvwire.kernels.codec``) -> the
+store (content-addressed keys) -> a :class:`ContextManifest` published last. See docs/service.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kvwire.errors import InvalidInputError, LimitExceededError, ModelMismatchError, NotFoundError
+from kvwire.server.config import ServiceSettings
+from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job, JobQueue, RedisJobQueue
+from kvwire.server.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "kvwire-manifest"
+MANIFEST_VERSION = 1
+_CONTEXT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_DIGEST = re.compile(r"[0-9a-f]{16,128}")
+
+Progress = Callable[[int, int], None]
+
+
+# ------------------------------------------------------------------------------------- the codec seam
+
+
+class Profile(Protocol):
+    """What the service needs of a ``CalibrationProfile``: its digest and its bytes."""
+
+    @property
+    def digest(self) -> str: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+class ChunkCodec(Protocol):
+    """Encodes one chunk of KV ``[layers, 2, kv_heads, tokens, head_dim]`` at one level into bytes."""
+
+    version: int
+    levels: tuple[int, ...]
+    default_level: int
+
+    def encode(
+        self, kv: torch.Tensor, profile: Any, *, level: int, token_start: int, model_fingerprint: str
+    ) -> bytes: ...
+
+
+class KernelsCodec:
+    """The real codec, ``kvwire.kernels.codec`` (imported on first use)."""
+
+    def __init__(self) -> None:
+        from kvwire.kernels import codec
+
+        self._codec = codec
+        self.version = int(codec.CODEC_VERSION)
+        self.levels = tuple(codec.LEVELS)
+        self.default_level = int(codec.DEFAULT_LEVEL)
+
+    def encode(
+        self, kv: torch.Tensor, profile: Any, *, level: int, token_start: int, model_fingerprint: str
+    ) -> bytes:
+        encoded = self._codec.encode_chunk(
+            kv, profile, level=level, token_start=token_start, model_fingerprint=model_fingerprint
+        )
+        return bytes(encoded.data)
+
+
+def default_calibrate(model: Any, tokenizer: Any) -> Profile:
+    """``kvwire.calibration.load_or_calibrate`` (imported on first use)."""
+    try:
+        from kvwire.calibration import load_or_calibrate  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise NotFoundError(f"calibration is not available in this build: {exc}") from exc
+
+    profile: Profile = load_or_calibrate(model, tokenizer)
+    return profile
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class LevelEntry:
+    """One encoded bitstream of a chunk: where it is stored, its size and its crc32 (8 hex digits)."""
+
+    level: int
+    key: str
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One chunk of a context: tokens ``[token_start, token_end)`` and its bitstream per level."""
+
+    index: int
+    token_start: int
+    token_end: int
+    token_ids: list[int]
+    text: str
+    levels: list[LevelEntry]
+
+    def level(self, level: int) -> LevelEntry:
+        for entry in self.levels:
+            if entry.level == level:
+                return entry
+        raise NotFoundError(f"chunk {self.index} has no level {level}")
+
+
+@dataclass(frozen=True)
+class ContextManifest:
+    """Everything a client needs to fetch and decode a context; stored as JSON, published last."""
+
+    context_id: str
+    tenant: str
+    model_fingerprint: str
+    profile_digest: str
+    codec_version: int
+    chunk_tokens: int
+    total_tokens: int
+    levels: list[int]
+    default_level: int
+    chunks: list[ChunkEntry]
+    created_at: float = field(default_factory=time.time)
+    format: str = MANIFEST_FORMAT
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContextManifest:
+        if data.get("format") != MANIFEST_FORMAT or data.get("manifest_version") != MANIFEST_VERSION:
+            raise InvalidInputError("not a kvwire manifest of a known version")
+        chunks = [
+            ChunkEntry(**{**c, "levels": [LevelEntry(**lv) for lv in c["levels"]]}) for c in data["chunks"]
+        ]
+        return cls(**{**data, "chunks": chunks})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ContextManifest:
+        return cls.from_dict(json.loads(data))
+
+    def chunk(self, index: int) -> ChunkEntry:
+        if not 0 <= index < len(self.chunks):
+            raise NotFoundError(
+                f"context {self.context_id!r} has no chunk {index} ({len(self.chunks)} chunks)"
+            )
+        return self.chunks[index]
+
+
+# -------------------------------------------------------------------------------------------- keys
+
+
+def manifest_key(tenant: str, context_id: str) -> str:
+    return f"t/{tenant}/contexts/{context_id}"
+
+
+def profile_key(digest: str) -> str:
+    return f"profiles/{digest}"
+
+
+def chunk_key(model_fingerprint: str, prefix_digest: str, codec_version: int, level: int) -> str:
+    return f"chunks/{model_fingerprint[:16]}/{prefix_digest}/v{codec_version}/L{level}"
+
+
+def chunk_prefix_digests(token_ids: Sequence[int], chunk_tokens: int, profile_digest: str) -> list[str]:
+    """Per chunk, ``sha256(profile digest, chunk start, token ids [0, chunk end))[:32]`` in hex.
+
+    A chunk's KV depends on every token before its end, so the digest covers the whole prefix; the
+    start and the profile are mixed in so that a changed chunk size or recalibration never aliases.
+    Token ids enter as little-endian uint32.
+    """
+    ids = np.asarray(token_ids, dtype="<u4").tobytes()
+    running = hashlib.sha256(b"kvwire-chunk-v1\0" + profile_digest.encode() + b"\0")
+    out = []
+    for start in range(0, len(token_ids), chunk_tokens):
+        end = min(start + chunk_tokens, len(token_ids))
+        running.update(ids[start * 4 : end * 4])
+        digest = running.copy()
+        digest.update(start.to_bytes(8, "little"))
+        out.append(digest.hexdigest()[:32])
+    return out
+
+
+def crc32_hex(data: bytes) -> str:
+    """The checksum the manifest, ``ETag`` and ``X-Kvwire-Checksum`` carry: crc32 of the whole bitstream."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def validate_context_id(context_id: str) -> str:
+    if not isinstance(context_id, str) or not _CONTEXT_ID.fullmatch(context_id):
+        raise InvalidInputError("context_id must be 1-128 characters of [A-Za-z0-9._-], not led by '.'")
+    return context_id
+
+
+def new_context_id() -> str:
+    return "ctx-" + uuid.uuid4().hex[:20]
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Worker:
+    """Prefills contexts with one model, encodes their chunks at every level, stores them, publishes.
+
+    Holds the model, its fingerprint and its calibration profile (stored under ``profiles/<digest>``
+    at start). Thread-compatible, not thread-safe: run one ingest at a time per worker.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        store: Store,
+        *,
+        profile: Profile,
+        codec: ChunkCodec,
+        chunk_tokens: int = 256,
+        levels: Sequence[int] | None = None,
+        max_context_tokens: int = 131072,
+        fingerprint: str | None = None,
+    ):
+        from kvwire.model import model_fingerprint
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.profile = profile
+        self.codec = codec
+        self.chunk_tokens = chunk_tokens
+        self.levels = tuple(levels) if levels is not None else tuple(codec.levels)
+        if not self.levels or any(lv not in codec.levels for lv in self.levels):
+            raise InvalidInputError(f"levels {self.levels} must be a non-empty subset of {codec.levels}")
+        self.default_level = codec.default_level if codec.default_level in self.levels else self.levels[0]
+        self.max_context_tokens = max_context_tokens
+        self.fingerprint = fingerprint or model_fingerprint(model, tokenizer)
+        profile_model = getattr(profile, "model_fingerprint", None)
+        if profile_model and profile_model != self.fingerprint:
+            raise ModelMismatchError(
+                f"profile {profile.digest[:12]} was calibrated for model {profile_model[:12]}, "
+                f"not {self.fingerprint[:12]}"
+            )
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        key = profile_key(profile.digest)
+        if not store.exists(key):
+            store.put(key, profile.to_bytes())
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ServiceSettings,
+        store: Store,
+        *,
+        codec: ChunkCodec | None = None,
+        calibrate: Callable[[Any, Any], Profile] | None = None,
+    ) -> Worker:
+        """Load the configured model (GPU if available), calibrate or load its profile."""
+        from kvwire.model import load_model
+
+        model, tokenizer = load_model(settings.model, device=settings.device or _default_device())
+        return cls(
+            model,
+            tokenizer,
+            store,
+            profile=(calibrate or default_calibrate)(model, tokenizer),
+            codec=codec or KernelsCodec(),
+            chunk_tokens=settings.chunk_tokens,
+            levels=settings.levels,
+            max_context_tokens=settings.max_context_tokens,
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (a context is a plain token stream)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self._check_tokens(ids)
+        return ids
+
+    def _check_tokens(self, ids: Sequence[int]) -> None:
+        if not ids:
+            raise InvalidInputError("the context is empty")
+        if len(ids) > self.max_context_tokens:
+            raise LimitExceededError(f"context has {len(ids)} tokens; the limit is {self.max_context_tokens}")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidInputError(f"token ids must be integers in [0, {self.vocab_size})")
+
+    def ingest(self, request: IngestRequest, progress: Progress | None = None) -> ContextManifest:
+        """Encode and store every chunk of the request's context, then publish its manifest.
+
+        Chunks whose keys all exist already (same model, profile, codec and token prefix) are reused
+        without encoding, and the model is run only up to the end of the last missing chunk.
+        """
+        validate_context_id(request.context_id)
+        if request.token_ids is not None:
+            ids = list(request.token_ids)
+            self._check_tokens(ids)
+        elif request.text is not None:
+            ids = self.tokenize(request.text)
+        else:
+            raise InvalidInputError("give text or token_ids")
+        ct, version = self.chunk_tokens, self.codec.version
+        ranges = [(s, min(s + ct, len(ids))) for s in range(0, len(ids), ct)]
+        digests = chunk_prefix_digests(ids, ct, self.profile.digest)
+        keys = [[chunk_key(self.fingerprint, d, version, lv) for lv in self.levels] for d in digests]
+        existing = self.store.try_get_many([k for row in keys for k in row])
+        levels_of: list[list[LevelEntry] | None] = []
+        for i, row in enumerate(keys):
+            values = existing[i * len(self.levels) : (i + 1) * len(self.levels)]
+            if all(v is not None for v in values):
+                levels_of.append(
+                    [
+                        LevelEntry(lv, k, len(v), crc32_hex(v))
+                        for lv, k, v in zip(self.levels, row, values, strict=True)
+                        if v is not None
+                    ]
+                )
+            else:
+                levels_of.append(None)
+        missing = [i for i, entry in enumerate(levels_of) if entry is None]
+        total = len(ranges)
+        done = total - len(missing)
+        if progress:
+            progress(done, total)
+        if missing:
+            from kvwire.model import prefill_kv
+
+            kv = prefill_kv(self.model, ids[: ranges[missing[-1]][1]])
+            for i in missing:
+                start, end = ranges[i]
+                chunk_kv = kv[:, :, :, start:end]
+                entries, items = [], []
+                for lv, key in zip(self.levels, keys[i], strict=True):
+                    data = self.codec.encode(
+                        chunk_kv,
+                        self.profile,
+                        level=lv,
+                        token_start=start,
+                        model_fingerprint=self.fingerprint,
+                    )
+                    entries.append(LevelEntry(lv, key, len(data), crc32_hex(data)))
+                    items.append((key, data))
+                self.store.put_many(items)
+                levels_of[i] = entries
+                done += 1
+                if progress:
+                    progress(done, total)
+            del kv
+        chunks = [
+            ChunkEntry(
+                index=i,
+                token_start=start,
+                token_end=end,
+                token_ids=ids[start:end],
+                text=self.tokenizer.decode(ids[start:end]),
+                levels=levels_of[i] or [],
+            )
+            for i, (start, end) in enumerate(ranges)
+        ]
+        manifest = ContextManifest(
+            context_id=request.context_id,
+            tenant=request.tenant,
+            model_fingerprint=self.fingerprint,
+            profile_digest=self.profile.digest,
+            codec_version=version,
+            chunk_tokens=ct,
+            total_tokens=len(ids),
+            levels=list(self.levels),
+            default_level=self.default_level,
+            chunks=chunks,
+        )
+        # Published only now: every chunk and the profile are already in the store.
+        self.store.put(manifest_key(request.tenant, request.context_id), manifest.to_json())
+        return manifest
+
+
+# ------------------------------------------------------------------------------------------ service
+
+
+class KvwireService:
+    """The operations every API exposes, per tenant. ``worker`` is set when this process can ingest.
+
+    With a worker (the embedded default), contexts of up to ``inline_max_tokens`` tokens are ingested
+    inline and longer ones through the job queue, whose consumer thread :meth:`start_workers` starts.
+    Without one, every ingest is queued for standalone workers (``kvwire worker``).
+    """
+
+    def __init__(self, store: Store, jobs: JobQueue, settings: ServiceSettings, worker: Worker | None = None):
+        self.store = store
+        self.jobs = jobs
+        self.settings = settings
+        self.worker = worker
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._worker_lock = threading.Lock()  # inline ingests and the worker thread share one model
+
+    # -- ingest
+
+    def ingest(
+        self,
+        tenant: str,
+        *,
+        text: str | None = None,
+        token_ids: list[int] | None = None,
+        context_id: str | None = None,
+    ) -> ContextManifest | Job:
+        """Ingest a context: its manifest if done inline, else the queued :class:`Job`."""
+        if (text is None) == (token_ids is None):
+            raise InvalidInputError("give exactly one of text and token_ids")
+        context_id = validate_context_id(context_id) if context_id is not None else new_context_id()
+        if token_ids is not None and len(token_ids) > self.settings.max_context_tokens:
+            raise LimitExceededError(
+                f"context has {len(token_ids)} tokens; the limit is {self.settings.max_context_tokens}"
+            )
+        if self.worker is not None and text is not None:
+            token_ids, text = self.worker.tokenize(text), None
+        request = IngestRequest(tenant=tenant, context_id=context_id, text=text, token_ids=token_ids)
+        inline = token_ids is not None and len(token_ids) <= self.settings.inline_max_tokens
+        if self.worker is not None and inline:
+            return self.run_ingest(request)
+        return self.jobs.submit(request)
+
+    def run_ingest(self, request: IngestRequest, progress: Progress | None = None) -> ContextManifest:
+        """Run one ingest on this process's worker (the job handler of the embedded queue)."""
+        if self.worker is None:
+            raise InvalidInputError("this process has no worker")
+        with self._worker_lock:
+            return self.worker.ingest(request, progress)
+
+    def job(self, tenant: str, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job.tenant != tenant:  # another tenant's job does not exist for this one
+            raise NotFoundError(f"no job {job_id!r}")
+        return job
+
+    # -- reads
+
+    def manifest(self, tenant: str, context_id: str) -> ContextManifest:
+        validate_context_id(context_id)
+        try:
+            data = self.store.get(manifest_key(tenant, context_id))
+        except NotFoundError:
+            raise NotFoundError(f"no context {context_id!r}") from None
+        return ContextManifest.from_json(data)
+
+    def chunk_entry(self, tenant: str, context_id: str, index: int, level: int | None = None) -> LevelEntry:
+        """Where chunk ``index`` at ``level`` (default: the manifest's) is, without reading it."""
+        manifest = self.manifest(tenant, context_id)
+        return manifest.chunk(index).level(manifest.default_level if level is None else level)
+
+    def chunk(
+        self, tenant: str, context_id: str, index: int, level: int | None = None
+    ) -> tuple[bytes, LevelEntry]:
+        """The bitstream of chunk ``index`` at ``level`` and its manifest entry."""
+        entry = self.chunk_entry(tenant, context_id, index, level)
+        return self.store.get(entry.key), entry
+
+    def profile(self, digest: str) -> bytes:
+        """Profile bytes by digest (profiles describe models, not tenant data: any tenant may read)."""
+        if not _DIGEST.fullmatch(digest):
+            raise NotFoundError(f"no profile {digest!r}")
+        try:
+            return self.store.get(profile_key(digest))
+        except NotFoundError:
+            raise NotFoundError(f"no profile {digest!r}") from None
+
+    def delete(self, tenant: str, context_id: str) -> None:
+        """Delete a context's manifest. Its chunks stay: they are content-addressed and may be shared."""
+        validate_context_id(context_id)
+        if not self.store.delete(manifest_key(tenant, context_id)):
+            raise NotFoundError(f"no context {context_id!r}")
+
+    def health(self) -> None:
+        """Return if the store and the job queue answer; ``BackendUnavailableError`` otherwise."""
+        self.store.health()
+        self.jobs.health()
+
+    # -- lifecycle
+
+    def start_workers(self, count: int = 1) -> None:
+        """Start ``count`` threads consuming the job queue with this process's worker."""
+        if self.worker is None:
+            raise InvalidInputError("this process has no worker")
+        for n in range(count):
+            thread = threading.Thread(
+                target=self.jobs.run_worker,
+                args=(self.run_ingest,),
+                kwargs={"consumer": f"{_consumer_name()}-t{n}", "stop": self._stop},
+                name=f"kvwire-worker-{n}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.jobs.close()
+        self.store.close()
+
+
+def _consumer_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def open_job_queue(settings: ServiceSettings) -> JobQueue:
+    """The Redis Streams queue if ``jobs_redis_url`` is set, else the in-process one."""
+    if settings.jobs_redis_url:
+        return RedisJobQueue(
+            settings.jobs_redis_url,
+            namespace=settings.jobs_namespace,
+            claim_idle_s=settings.jobs_claim_idle_s,
+            max_deliveries=settings.jobs_max_deliveries,
+            max_pending=settings.max_pending_jobs,
+            job_ttl_s=settings.jobs_ttl_s,
+        )
+    return InProcessJobQueue(max_pending=settings.max_pending_jobs)
+
+
+def build_service(
+    settings: ServiceSettings,
+    *,
+    with_worker: bool | None = None,
+    codec: ChunkCodec | None = None,
+    calibrate: Callable[[Any, Any], Profile] | None = None,
+) -> KvwireService:
+    """Open the store and queue ``settings`` describe; load a worker unless jobs go to Redis workers.
+
+    ``with_worker=None`` means: a worker (and its consumer thread) for the in-process queue, none
+    when ``jobs_redis_url`` is set (standalone ``kvwire worker`` processes do the work).
+    """
+    store = open_store(settings.storage)
+    jobs = open_job_queue(settings)
+    if with_worker is None:
+        with_worker = not settings.jobs_redis_url
+    worker = Worker.from_settings(settings, store, codec=codec, calibrate=calibrate) if with_worker else None
+    service = KvwireService(store, jobs, settings, worker)
+    if worker is not None:
+        service.start_workers()
+    return service
+
+
+def run_standalone_worker(settings: ServiceSettings, stop: threading.Event | None = None) -> None:
+    """Consume the Redis job stream until ``stop`` is set (``kvwire worker``)."""
+    if not settings.jobs_redis_url:
+        raise InvalidInputError("a standalone worker needs KVWIRE_JOBS_REDIS_URL")
+    store = open_store(settings.storage)
+    jobs = open_job_queue(settings)
+    worker = Worker.from_settings(settings, store)
+    stop = stop or threading.Event()
+    log.info("kvwire worker %s consuming %s", _consumer_name(), settings.jobs_redis_url)
+    try:
+        jobs.run_worker(worker.ingest, consumer=_consumer_name(), stop=stop)
+    finally:
+        jobs.close()
+        store.close()
