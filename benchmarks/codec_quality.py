@@ -19,12 +19,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
 import torch
 
 from benchmarks.baselines import BASELINES, Quantizer
-from benchmarks.quality import Quality, Reference, evaluate, reference_pass
 from kvwire.calibration import load_or_calibrate
 from kvwire.errors import InvalidInputError
 from kvwire.kernels import codec
 from kvwire.kernels.profile import CalibrationProfile
 from kvwire.model import load_model, model_fingerprint, prefill_kv, text_tokens
+from kvwire.quality import Quality, Reference, evaluate, reference_pass
 
 METHODS: dict[str, Quantizer] = dict(BASELINES)
 # Extra kvwire operating points (base steps) for comparisons with baselines at equal KL.
@@ -39,7 +39,11 @@ def kvwire_methods(profile: CalibrationProfile, fingerprint: str) -> dict[str, Q
             half = kv.to(torch.float16)
             chunks = [
                 codec.encode_chunk(
-                    half[:, :, :, a:b], profile, level=level, token_start=a, model_fingerprint=fingerprint,
+                    half[:, :, :, a:b],
+                    profile,
+                    level=level,
+                    token_start=a,
+                    model_fingerprint=fingerprint,
                     base_step=step,
                 )
                 for a, b in codec.split_tokens(kv.shape[3])
@@ -52,6 +56,7 @@ def kvwire_methods(profile: CalibrationProfile, fingerprint: str) -> dict[str, Q
     methods = {f"kvwire-L{lv}": method(lv, None) for lv in codec.LEVELS}
     methods.update({f"kvwire-step{s}": method(0, s) for s in SWEEP_STEPS})
     return methods
+
 
 # Each text: license files concatenated in order; context = first N tokens, continuation = next M.
 TEXTS: dict[str, list[str]] = {

@@ -364,7 +364,7 @@ def calibrate(
         key_weight = energy.key_weight(H, D, rotary_dim)
         value_metric = _value_metric([o for _, o in projections], H, D)
 
-    fit = {
+    fit: dict[str, Any] = {
         "model_fingerprint": model_fingerprint(model, tokenizer),
         "inv_freq": rope.inv_freq if rope is not None else None,
         "rope_scaling": rope.scaling if rope is not None else 1.0,

@@ -168,7 +168,9 @@ def test_flipped_bits_are_detected(profile: CalibrationProfile, chunk_bytes: byt
             codec.decode_chunk(bytes(data), profile)
 
 
-def test_corruption_behind_a_valid_checksum_never_crashes(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+def test_corruption_behind_a_valid_checksum_never_crashes(
+    profile: CalibrationProfile, chunk_bytes: bytes
+) -> None:
     """With a forged CRC, a damaged stream gives a typed error or a well-formed tensor, never a crash.
 
     The coder's end-state check catches most damage (tests/codec/test_rans.py); raw bits of large
