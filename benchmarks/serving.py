@@ -53,6 +53,7 @@ class Cell:
     requests: int
     nbytes: int
     seconds: float
+    raw_rps: float | None = None  # raw redis-py GETs of the same size and concurrency, run just before
 
     @property
     def rps(self) -> float:
@@ -121,7 +122,7 @@ def s3_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def rest_server(store: Any) -> Iterator[str]:
+def rest_server(store: Any, http: str = "auto") -> Iterator[str]:
     """The REST app over ``store`` under uvicorn in a background thread; yields its base URL."""
     import uvicorn
 
@@ -134,7 +135,12 @@ def rest_server(store: Any) -> Iterator[str]:
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     port = free_port()
     config = uvicorn.Config(
-        create_app(service, settings), host="127.0.0.1", port=port, log_level="warning", access_log=False
+        create_app(service, settings),
+        host="127.0.0.1",
+        port=port,
+        http=http,  # type: ignore[arg-type]
+        log_level="warning",
+        access_log=False,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
@@ -265,29 +271,40 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def uvicorn_http(choice: str) -> str:
+    """The HTTP implementation uvicorn runs for ``--http choice`` (auto: httptools if installed)."""
+    import importlib.util
+
+    if choice == "auto":
+        choice = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return choice
+
+
 def grpc_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("kvwire.server.grpc_server") is not None
 
 
-def table(cells: list[Cell], raw: dict[tuple[str, int], Cell], todo: list[str]) -> str:
+def table(cells: list[Cell], todo: list[str]) -> str:
     lines = [
-        "| backend | transport | size | concurrency | req/s | MB/s | overhead vs raw Redis |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| backend | transport | size | concurrency | req/s | MB/s | raw Redis req/s | overhead vs raw "
+        "Redis |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in cells:
-        base = raw.get((c.size, c.concurrency))
-        overhead = "—" if c.transport == "redis-py" or base is None else f"{base.rps / c.rps - 1:+.0%}"
+        raw, overhead = "—", "—"
+        if c.raw_rps is not None:
+            raw, overhead = f"{c.raw_rps:,.0f}", f"{c.raw_rps / c.rps - 1:+.0%}"
         row = f"| {c.backend} | {c.transport} | {c.size} | {c.concurrency} | {c.rps:,.0f} | {c.mb_s:,.0f} |"
-        lines.append(f"{row} {overhead} |")
-    lines += [f"| {t} | gRPC | — | — | TODO | TODO | TODO |" for t in todo]
+        lines.append(f"{row} {raw} | {overhead} |")
+    lines += [f"| {t} | gRPC | — | — | TODO | TODO | TODO | TODO |" for t in todo]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=1.5, help="measured seconds per cell")
+    parser.add_argument("--seconds", type=float, default=1.0, help="measured seconds per cell")
     parser.add_argument("--chunks", type=int, default=8, help="distinct stored chunks per size")
     parser.add_argument(
         "--context-tokens", type=int, default=32768, help=f"manifest length ({CHUNK_TOKENS}-token chunks)"
@@ -295,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8", help="client threads (connections), comma-separated")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"payload sizes among {list(SIZES)}")
     parser.add_argument("--backends", default="local,redis,s3,tiered")
+    parser.add_argument(
+        "--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP implementation"
+    )
     parser.add_argument("--out", type=Path, help="write the Markdown table (and run notes) here")
     args = parser.parse_args(argv)
     manifest_chunks = max(1, args.context_tokens // CHUNK_TOKENS)
@@ -313,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     began = time.perf_counter()
     cells: list[Cell] = []
-    raw: dict[tuple[str, int], Cell] = {}
     spawn = multiprocessing.get_context("spawn")
     with (
         tempfile.TemporaryDirectory(prefix="kvwire-servebench-") as tmp,
@@ -324,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         def measure(backend: str, transport: str, target: str, keys: list[str], size: str, n: int) -> Cell:
+            raw_rps = None
+            if transport != "redis-py":  # pair every cell with a raw run: the machine's load drifts
+                raw_rps = measure("redis", "redis-py", redis_url, raw_keys[size], size, n).rps
             count = client.submit(drive, transport, target, keys, SIZES[size], n, args.seconds).result()
-            cell = Cell(backend, transport, size, n, count, SIZES[size], args.seconds)
+            cell = Cell(backend, transport, size, n, count, SIZES[size], args.seconds, raw_rps)
             print(
                 f"  {backend:7} {transport:9} {size:6} c={n}: {cell.rps:8,.0f} req/s {cell.mb_s:8,.0f} MB/s"
             )
@@ -338,11 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             for size, chunks in payloads.items():
                 for i, data in enumerate(chunks):
                     r.set(f"raw:{size}:{i}", data)
+        raw_keys = {size: [f"raw:{size}:{i}" for i in range(args.chunks)] for size in sizes}
         for size in sizes:
-            keys = [f"raw:{size}:{i}" for i in range(args.chunks)]
             for n in concurrency:
-                raw[size, n] = measure("redis", "redis-py", redis_url, keys, size, n)
-                cells.append(raw[size, n])
+                cells.append(measure("redis", "redis-py", redis_url, raw_keys[size], size, n))
 
         def open_backend(name: str) -> Any:
             def s3(prefix: str) -> S3Store:
@@ -362,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in backends:
             with open_backend(name) as store:
                 seed(store, payloads, manifest_chunks)
-                with rest_server(store) as url:
+                with rest_server(store, args.http) as url:
                     for size in sizes:
                         paths = [f"{url}/v1/contexts/bench-{size}/chunks/{i}" for i in range(manifest_chunks)]
                         for n in concurrency:
@@ -371,22 +392,23 @@ def main(argv: list[str] | None = None) -> int:
     load_after = load_average()
     notes = [
         f"- Command: `python benchmarks/serving.py --seconds {args.seconds} --chunks {args.chunks} "
-        f"--context-tokens {args.context_tokens} --concurrency {args.concurrency}`",
+        f"--context-tokens {args.context_tokens} --concurrency {args.concurrency} --http {args.http}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load average (1/5/15 min) "
         f"before {load_before}, after {load_after}; {time.perf_counter() - began:.0f} s in all.",
         f"- Contexts: {manifest_chunks} chunks of {CHUNK_TOKENS} tokens in the manifest, cycling through "
         f"{args.chunks} distinct random payloads per size. Client: one separate process, N threads with "
-        "one keep-alive connection each; server: uvicorn (in-process thread, API key auth, no access "
-        "log); redis-server and moto S3 (in-process) on loopback.",
-        "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, at the same size and concurrency.",
+        f"one keep-alive connection each; server: uvicorn {uvicorn_http(args.http)} (in-process "
+        "thread, API key auth, no access log); redis-server and moto S3 (in-process) on loopback.",
+        "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, the raw GETs (same size and "
+        "concurrency) run just before each service cell, since the machine's load drifts.",
     ]
     if todo:
         notes.append(
             "- TODO: gRPC GetChunk and StreamContext: `kvwire.server.grpc_server` is not on main yet; "
             "rerun after `git merge main`."
         )
-    text = table(cells, raw, todo) + "\n\n" + "\n".join(notes) + "\n"
+    text = table(cells, todo) + "\n\n" + "\n".join(notes) + "\n"
     print()
     print(text)
     if args.out:
