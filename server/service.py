@@ -413,7 +413,8 @@ class ManifestCache:
     Every chunk request needs its context's manifest; re-reading and re-parsing the whole JSON
     (~1 ms per 10 chunks) cost more than serving the chunk itself (see docs/serving-benchmark.md).
     This process drops an entry when it deletes or publishes that context; the TTL bounds how long
-    another process's delete or re-ingest stays unseen here. Thread-safe.
+    another process's delete or re-ingest stays unseen here. Thread-safe; the manifests it hands out
+    are shared, so callers must not mutate them.
     """
 
     def __init__(self, size: int, ttl_s: float):
