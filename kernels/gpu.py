@@ -154,13 +154,25 @@ def decode_parsed_gpu(
     return results
 
 
-def entropy_decode_gpu(
-    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]], device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """One rANS launch over every segment of every chunk: flat int32 coefficients, chunk after chunk,
-    each chunk ``[segments, d, tokens]``; plus each chunk's first element in that buffer."""
-    from kvwire.kernels import triton_rans as tr
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The rANS decoder's inputs for a batch of chunks, on the device (see ``prepare_decode``)."""
 
+    args: tuple[
+        torch.Tensor, ...
+    ]  # words, starts, ends, states, lanes, tokens, live, n_live, classes, out offsets
+    out: torch.Tensor  # int32, flat: chunk after chunk, each [segments, d, tokens]
+    status: torch.Tensor  # int32 [all segments]
+    seg_base: list[int]  # each chunk's first element in ``out``
+    n_seg: list[int]
+    d: int
+    max_lanes: int
+
+
+def prepare_decode(
+    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]], device: torch.device
+) -> DecodeBatch:
+    """Gather every segment of every chunk into flat arrays and upload them."""
     n_seg = [h.segments for h, _ in parsed]
     d = parsed[0][0].group_dim
     max_lanes = max(h.lanes for h, _ in parsed)
@@ -187,27 +199,53 @@ def entropy_decode_gpu(
     classes = np.concatenate([sec.classes for _, sec in parsed]).astype(np.int32)
 
     def up(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     classes_d = up(classes)
     live, n_live = _live_lists(classes_d)
-    out = torch.zeros(e0, dtype=torch.int32, device=device)
-    status = torch.empty(S, dtype=torch.int32, device=device)
-    bank = _device_bank(device)
-    block = _block(max_lanes)
-    tr.decode_kernel[(S,)](
-        up(words), up(starts), up(ends), up(states), up(lanes), up(n_tok), live, n_live, classes_d,
-        up(out_offset), out, bank.freq, bank.cum, bank.lut, bank.extra, status, d, max_lanes,
-        BLOCK=block, num_warps=max(1, block // 32), **tr.CONSTANTS,
+    args = (up(words), up(starts), up(ends), up(states), up(lanes), up(n_tok), live, n_live, classes_d)
+    return DecodeBatch(
+        args=(*args, up(out_offset)),
+        out=torch.empty(e0, dtype=torch.int32, device=device),
+        status=torch.empty(S, dtype=torch.int32, device=device),
+        seg_base=seg_base,
+        n_seg=n_seg,
+        d=d,
+        max_lanes=max_lanes,
+    )
+
+
+def launch_decode(batch: DecodeBatch) -> None:
+    """Run the rANS decode kernel over every segment of the batch (asynchronous)."""
+    from kvwire.kernels import triton_rans as tr
+
+    batch.out.zero_()
+    bank = _device_bank(batch.out.device)
+    block = _block(batch.max_lanes)
+    tr.decode_kernel[(len(batch.status),)](
+        *batch.args, batch.out, bank.freq, bank.cum, bank.lut, bank.extra, batch.status, batch.d,
+        batch.max_lanes, BLOCK=block, num_warps=max(1, block // 32), **tr.CONSTANTS,
     )  # fmt: skip
-    bad = status.cpu().numpy()
+
+
+def entropy_decode_gpu(
+    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]], device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
+    """One rANS launch over every segment of every chunk: flat int32 coefficients, chunk after chunk,
+    each chunk ``[segments, d, tokens]``; plus each chunk's first element in that buffer.
+
+    Raises CorruptChunkError naming the first bad segment (the kernel never reads outside a segment).
+    """
+    batch = prepare_decode(parsed, device)
+    launch_decode(batch)
+    bad = batch.status.cpu().numpy()
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        chunk = int(np.searchsorted(np.cumsum(n_seg), first, side="right"))
-        seg = first - (int(np.sum(n_seg[:chunk])) if chunk else 0)
+        chunk = int(np.searchsorted(np.cumsum(batch.n_seg), first, side="right"))
+        seg = first - int(np.sum(batch.n_seg[:chunk]))
         why = _STATUS_TEXT.get(int(bad[first]), "?")
         raise CorruptChunkError(f"entropy-coded segment {seg} of chunk {chunk} is corrupt ({why})")
-    return out, seg_base
+    return batch.out, batch.seg_base
 
 
 def _rope_tensors(
