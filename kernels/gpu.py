@@ -277,8 +277,11 @@ def _reconstruct_run(
     mant = np.stack([sec.step_mant.astype(np.float64) for _, sec in parsed])
     exp = np.stack([sec.step_exp.astype(np.int64) for _, sec in parsed]) + dp.basis_exp[None]
     scale = torch.from_numpy(np.ldexp(mant, -exp)).to(device)  # exact: 8-bit mantissa x power of two
-    # `+ 0.0` as the CPU path: a zero sum becomes +0 whatever sign the GEMM gave it.
-    y = ((acc * scale[:, :, None, None]) + 0.0).to(torch.float32)
+    # `+ 0.0` as the CPU path: a zero sum becomes +0 whatever sign the GEMM gave it. (In place: the
+    # float64 buffer is the largest of the decoder's.)
+    acc.mul_(scale[:, :, None, None]).add_(0.0)
+    y = acc.to(torch.float32)
+    del acc
     y = y + dp.mean[None, :, None, :]
     classes = torch.from_numpy(np.stack([sec.classes for _, sec in parsed])).to(device)
     all_dead = (classes == 0).all(dim=2)  # the CPU path copies the mean as is for these segments
