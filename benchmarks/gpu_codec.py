@@ -19,6 +19,7 @@ GPU and CPU decode is checked on one chunk per level.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -192,15 +193,17 @@ def main() -> None:
         for b in dec_batches:
             src = torch.stack(chunks[:b]).to(torch.float16)
             dst = torch.empty_like(src)
-            t = events(lambda src=src, dst=dst: dst.copy_(src), reps=10)
-            base_rows.append(f"| d2d copy of fp16 KV (read+write) | {name} | {b} | {t * 1e3:.3f} | "
-                             f"{2 * src.numel() * 2 / t / 1e9:.0f} (r+w), {src.numel() * 2 / t / 1e9:.0f} (out) |")  # fmt: skip
+            t = events(functools.partial(dst.copy_, src), reps=10)
+            gbs = src.numel() * 2 / t / 1e9
+            base_rows.append(
+                f"| d2d copy of fp16 KV | {name} | {b} | {t * 1e3:.3f} | {gbs:.0f} out, {2 * gbs:.0f} r+w |"
+            )
             q8 = torch.randint(-128, 127, src.shape, dtype=torch.int8, device=dev)
             sc, zp = torch.rand(D, device=dev), torch.rand(D, device=dev)
             deq = dequant8_kernel()
-            t = events(lambda q8=q8, sc=sc, zp=zp, dst=dst: deq(q8, sc, zp, dst), reps=10)
-            base_rows.append(f"| 8-bit dequantise (Triton) | {name} | {b} | {t * 1e3:.3f} | "
-                             f"{src.numel() * 2 / t / 1e9:.0f} (out) |")  # fmt: skip
+            t = events(functools.partial(deq, q8, sc, zp, dst), reps=10)
+            gbs = src.numel() * 2 / t / 1e9
+            base_rows.append(f"| 8-bit dequantise (Triton) | {name} | {b} | {t * 1e3:.3f} | {gbs:.0f} out |")
             del src, dst, q8
         torch.cuda.empty_cache()
         write()
@@ -212,16 +215,16 @@ def main() -> None:
             # Streams for decoding: GPU-encoded, in batches of at most 32 chunks.
             data: list[bytes] = []
             for i in range(0, max_b, 32):
-                part = chunks[i : i + 32]
-                starts = [CHUNK * j for j in range(i, i + len(part))]
-                encs = gpu.encode_chunks_gpu(part, profile, level=level, token_starts=starts)
+                kv_part = chunks[i : i + 32]
+                starts = [CHUNK * j for j in range(i, i + len(kv_part))]
+                encs = gpu.encode_chunks_gpu(kv_part, profile, level=level, token_starts=starts)
                 data.extend(e.data for e in encs)
             bits = 8 * sum(len(x) for x in data) / (elt * max_b)
             # Bit-exactness on the device: GPU decode vs CPU decode of the same bytes.
             ref = codec.decode_chunk(data[1], profile, backend="cpu")
             got = codec.decode_chunk(data[1], profile, device=dev).cpu()
-            exact_rows.append(f"- {name} level {level}: GPU decode == CPU decode (torch.equal): "
-                              f"{torch.equal(ref, got)}")  # fmt: skip
+            same = torch.equal(ref, got)
+            exact_rows.append(f"- {name} level {level}: GPU decode == CPU decode (torch.equal): {same}")
             if not cpu_done:
                 t_enc = time.perf_counter()
                 codec.encode_chunk(chunks[1].cpu(), profile, level=level, token_start=CHUNK, backend="cpu")
@@ -229,38 +232,35 @@ def main() -> None:
                 t_dec = time.perf_counter()
                 codec.decode_chunk(data[1], profile, backend="cpu")
                 t_dec = time.perf_counter() - t_dec
-                base_rows.append(f"| CPU path encode, 1 chunk (level {level}) | {name} | 1 | {t_enc * 1e3:.0f} | "
-                                 f"{elt * 2 / t_enc / 1e9:.2f} |")  # fmt: skip
-                base_rows.append(f"| CPU path decode, 1 chunk (level {level}) | {name} | 1 | {t_dec * 1e3:.0f} | "
-                                 f"{elt * 2 / t_dec / 1e9:.2f} |")  # fmt: skip
+                for what, t in (("encode", t_enc), ("decode", t_dec)):
+                    base_rows.append(
+                        f"| CPU path {what}, 1 chunk (level {level}) | {name} | 1 | {t * 1e3:.0f} "
+                        f"| {elt * 2 / t / 1e9:.2f} out |"
+                    )
                 cpu_done = True
             for b in dec_batches:
                 reps = 5 if b <= 8 else 3
                 part = data[:b]
-                t_e2e = wall(lambda part=part: gpu.decode_chunks_gpu(part, profile, device=dev), reps)
+                t_e2e = wall(functools.partial(gpu.decode_chunks_gpu, part, profile, device=dev), reps)
                 parsed = [codec.validate_chunk(x, profile) for x in part]
-                t_parsed = wall(
-                    lambda parsed=parsed: gpu.decode_parsed_gpu(parsed, profile, device=dev), reps
-                )
+                t_parsed = wall(functools.partial(gpu.decode_parsed_gpu, parsed, profile, device=dev), reps)
                 batch = gpu.prepare_decode(parsed, torch.device(dev))
-                t_rans = events(lambda batch=batch: gpu.launch_decode(batch), reps)
+                t_rans = events(functools.partial(gpu.launch_decode, batch), reps)
                 assert not batch.status.any()
                 del batch
                 enc = "| |"
                 if b in enc_batches:
                     kvs = chunks[:b]
                     starts = [CHUNK * j for j in range(b)]
-                    t_enc = wall(
-                        lambda kvs=kvs, starts=starts: gpu.encode_chunks_gpu(
-                            kvs, profile, level=level, token_starts=starts
-                        ),
-                        reps=3,
+                    run = functools.partial(
+                        gpu.encode_chunks_gpu, kvs, profile, level=level, token_starts=starts
                     )
+                    t_enc = wall(run, reps=3)
                     enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
                 n = elt * b
                 rows.append(
-                    f"| {name} | {level} | {b} | {bits:.2f} | {t_e2e * 1e3:.1f} | {n * 2 / t_e2e / 1e9:.1f} | "
-                    f"{t_parsed * 1e3:.1f} | {t_rans * 1e3:.2f} | {n / t_rans / 1e9:.1f} {enc}"
+                    f"| {name} | {level} | {b} | {bits:.2f} | {t_e2e * 1e3:.1f} | {n * 2 / t_e2e / 1e9:.1f} "
+                    f"| {t_parsed * 1e3:.1f} | {t_rans * 1e3:.2f} | {n / t_rans / 1e9:.1f} {enc}"
                 )
                 print(rows[-1], flush=True)
                 torch.cuda.empty_cache()
