@@ -40,7 +40,7 @@ def _symbol_value(sym, raw, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr):
 
 @triton.jit
 def decode_kernel(
-    words_ptr,  # int32 [total words]: the 16-bit words of every segment, segment after segment
+    words_ptr,  # int16 [total words]: every segment's 16-bit words (read as unsigned), one after another
     word_start_ptr,  # int64 [S]
     word_end_ptr,  # int64 [S]
     states_ptr,  # int64 [S, MAX_LANES]
@@ -103,12 +103,12 @@ def decode_kernel(
             before = tl.cumsum(count, axis=0) - count
             total = tl.sum(count, axis=0)
             p1 = ptr + before
-            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.int64)
+            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.int64) & 0xFFFF
             xs = tl.where(need1, (xs << 16) | w1, xs)
             raw = xs & ((tl.full(xs.shape, 1, tl.int64) << nb) - 1)
             xs = xs >> nb
             p2 = p1 + need1.to(tl.int64)
-            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.int64)
+            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.int64) & 0xFFFF
             xs = tl.where(need2, (xs << 16) | w2, xs)
             overrun = overrun | (ptr + total > end)
             ptr = ptr + total
@@ -131,7 +131,7 @@ def encode_kernel(
     classes_ptr,  # int32 [S, D]
     freq_ptr,  # int64 [n_tables, NUM_SYMBOLS]
     cum_ptr,  # int64 [n_tables, NUM_SYMBOLS]
-    scratch_ptr,  # int32 [S, SCRATCH]: words in push order (the decoder reads them reversed)
+    scratch_ptr,  # int16 [S, SCRATCH]: words in push order (the decoder reads them reversed)
     n_words_ptr,  # int64 [S]
     states_ptr,  # int64 [S, lanes], zero-filled by the caller
     D,
@@ -188,9 +188,9 @@ def encode_kernel(
             # Lanes push from the highest down: lane g's words follow those of every lane above it.
             pos = sp + tl.sum(count, axis=0) - tl.cumsum(count, axis=0)
             dst = scratch_ptr + seg * SCRATCH
-            tl.store(dst + pos, word1.to(tl.int32), mask=push1 & (pos < SCRATCH))
+            tl.store(dst + pos, word1.to(tl.int16), mask=push1 & (pos < SCRATCH))
             pos2 = pos + push1.to(tl.int64)
-            tl.store(dst + pos2, word2.to(tl.int32), mask=push2 & (pos2 < SCRATCH))
+            tl.store(dst + pos2, word2.to(tl.int16), mask=push2 & (pos2 < SCRATCH))
             sp = sp + tl.sum(count, axis=0)
             x = tl.where(on, xs, x)
             t -= 1
