@@ -12,6 +12,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvwire.errors import CorruptChunkError, InvalidInputError
 from kvwire.kernels import codec, gpu
@@ -79,6 +81,30 @@ def test_gpu_decode_is_bit_identical(
     assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))  # bits, signed zeros included
     if outlier:
         assert fmt.read_header(data).n_raw > 0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tokens=st.integers(1, 4),
+    start=st.integers(0, 600),
+    level=st.sampled_from(codec.LEVELS),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    lanes=st.integers(1, 20),
+    seed=st.integers(0, 1000),
+)
+def test_gpu_decode_equals_cpu_property(
+    profile: CalibrationProfile,
+    tokens: int,
+    start: int,
+    level: int,
+    dtype: torch.dtype,
+    lanes: int,
+    seed: int,
+) -> None:
+    x = _kv(tokens, seed=seed, dtype=dtype, outlier=seed % 3 == 0)
+    data = codec.encode_chunk(x, profile, level=level, token_start=start, lanes=lanes, backend="cpu").data
+    cpu, dev = _both(data, profile)
+    assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
 
 
 def test_gpu_decode_heads_per_group_one(profile_hpg1: CalibrationProfile) -> None:
