@@ -441,17 +441,34 @@ def decode_chunks(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Decode consecutive chunks and join them along the token axis; checks they are contiguous."""
-    parts = []
+    """Decode consecutive chunks and join them along the token axis; checks they are contiguous.
+
+    On the GPU path all chunks are validated first and then decoded together (one rANS launch).
+    """
+    chunks = list(chunks)
+    if not chunks:
+        raise InvalidInputError("no chunks to decode")
     expect = None
     for data in chunks:
-        start = fmt.read_header(data).token_start
-        if expect is not None and start != expect:
-            raise InvalidInputError(f"chunks are not contiguous: expected token {expect}, got {start}")
-        part = decode_chunk(data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype)
-        parts.append(part)
-        expect = start + part.shape[3]
-    if not parts:
-        raise InvalidInputError("no chunks to decode")
+        h = fmt.read_header(data)
+        if expect is not None and h.token_start != expect:
+            raise InvalidInputError(
+                f"chunks are not contiguous: expected token {expect}, got {h.token_start}"
+            )
+        expect = h.token_start + h.n_tokens
+    if _use_gpu(backend, device):
+        from kvwire.kernels import gpu
+
+        parts = gpu.decode_chunks_gpu(
+            chunks, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype
+        )
+    else:
+        parts = [
+            decode_chunk(
+                data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype, backend="cpu"
+            )
+            for data in chunks
+        ]
     return torch.cat(parts, dim=3)

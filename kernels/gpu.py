@@ -19,6 +19,7 @@ tests check them).
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ def _device_profile(profile: CalibrationProfile, device: torch.device) -> _Devic
 
 
 _STAGING: dict[str, torch.Tensor] = {}
+_STAGING_LOCK = threading.Lock()  # one staging buffer per device, shared by every decoding thread
 
 
 def _upload_words(parts: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -112,17 +114,18 @@ def _upload_words(parts: Sequence[np.ndarray], device: torch.device) -> torch.Te
     total = sum(p.size for p in parts) + 1  # never empty
     if device.type != "cuda":
         return torch.from_numpy(np.concatenate([*[p.view(np.int16) for p in parts], np.zeros(1, np.int16)]))
-    stage = _STAGING.get(str(device))
-    if stage is None or stage.numel() < total:
-        stage = torch.empty(max(total, 1 << 20), dtype=torch.int16, pin_memory=True)
-        _STAGING[str(device)] = stage
-    host = stage.numpy()
-    pos = 0
-    for p in parts:
-        host[pos : pos + p.size] = p.view(np.int16)
-        pos += p.size
-    host[pos] = 0
-    return stage[:total].to(device)  # synchronous: the staging buffer is reused by the next call
+    with _STAGING_LOCK:
+        stage = _STAGING.get(str(device))
+        if stage is None or stage.numel() < total:
+            stage = torch.empty(max(total, 1 << 20), dtype=torch.int16, pin_memory=True)
+            _STAGING[str(device)] = stage
+        host = stage.numpy()
+        pos = 0
+        for p in parts:
+            host[pos : pos + p.size] = p.view(np.int16)
+            pos += p.size
+        host[pos] = 0
+        return stage[:total].to(device)  # synchronous: the buffer is free again when the lock is released
 
 
 def _live_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -248,3 +248,14 @@ def test_header_is_validated_before_any_launch(
             gpu.decode_chunks_gpu([chunk_bytes, bad], profile, device=CPU)
         with pytest.raises(CorruptChunkError):
             codec.decode_chunk(bad, profile, backend="gpu", device=CPU)
+
+
+def test_decode_chunks_joins_a_context_on_either_path(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 7, 8, seed=5)).half()
+    chunks = codec.encode_kv(x, profile, levels=[2], chunk_tokens=3)
+    data = [c[2].data for c in chunks]
+    cpu = codec.decode_chunks(data, profile, backend="cpu")
+    dev = codec.decode_chunks(data, profile, backend="gpu", device=CPU)
+    assert dev.shape == (2, 2, 2, 7, 8) and torch.equal(cpu, dev)
+    with pytest.raises(InvalidInputError, match="contiguous"):
+        codec.decode_chunks([data[0], data[2]], profile, backend="gpu", device=CPU)
