@@ -87,12 +87,20 @@ def _step_code(step: float) -> tuple[int, int]:
     return mant, exp
 
 
-def _canonical(kv: torch.Tensor | np.ndarray, profile: CalibrationProfile) -> tuple[np.ndarray, str]:
-    """Validate a KV tensor against the profile; return it as a float32 numpy copy plus its dtype name."""
-    if isinstance(kv, np.ndarray):
-        kv = torch.from_numpy(kv)
-    if not isinstance(kv, torch.Tensor):
-        raise InvalidInputError(f"KV must be a torch tensor or numpy array, not {type(kv).__name__}")
+def check_encode_options(level: int, lanes: int, token_start: int, base_step: float | None = None) -> None:
+    """Raise InvalidInputError for an unknown level, lane count, token position or step."""
+    if level not in LEVELS:
+        raise InvalidInputError(f"level must be one of {LEVELS}, not {level!r}")
+    if not 0 < lanes <= fmt.MAX_LANES:
+        raise InvalidInputError(f"lanes must be in 1..{fmt.MAX_LANES}")
+    if not 0 <= token_start < 2**32 - fmt.MAX_TOKENS:
+        raise InvalidInputError(f"token_start {token_start} out of range")
+    if base_step is not None and not 1e-6 <= base_step <= 1e6:
+        raise InvalidInputError(f"base_step {base_step} out of range")
+
+
+def check_kv(kv: torch.Tensor, profile: CalibrationProfile) -> str:
+    """Validate a KV tensor's dtype and shape against the profile; return its dtype name."""
     dtype = {v: k for k, v in _TORCH_DTYPES.items()}.get(kv.dtype)
     if dtype is None:
         raise InvalidInputError(f"KV dtype {kv.dtype} is not supported (float16, bfloat16 or float32)")
@@ -104,6 +112,36 @@ def _canonical(kv: torch.Tensor | np.ndarray, profile: CalibrationProfile) -> tu
         )
     if not 0 < kv.shape[3] <= fmt.MAX_TOKENS:
         raise InvalidInputError(f"a chunk holds 1 to {fmt.MAX_TOKENS} tokens, not {kv.shape[3]}")
+    return dtype
+
+
+def step_codes(
+    profile: CalibrationProfile, level: int, base_step: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantisation step per (layer, K/V) at ``level`` or ``base_step``.
+
+    Returns (mant uint16, exp int16, step float64), each [L, 2].
+    """
+    step0 = LEVEL_STEPS[level] if base_step is None else base_step
+    L = profile.layers
+    steps = np.zeros((L, 2))
+    mant = np.zeros((L, 2), dtype=np.uint16)
+    exp = np.zeros((L, 2), dtype=np.int16)
+    for layer in range(L):
+        for k in range(2):
+            m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
+            mant[layer, k], exp[layer, k] = m, e
+            steps[layer, k] = m * 2.0**-e
+    return mant, exp, steps
+
+
+def _canonical(kv: torch.Tensor | np.ndarray, profile: CalibrationProfile) -> tuple[np.ndarray, str]:
+    """Validate a KV tensor against the profile; return it as a float32 numpy copy plus its dtype name."""
+    if isinstance(kv, np.ndarray):
+        kv = torch.from_numpy(kv)
+    if not isinstance(kv, torch.Tensor):
+        raise InvalidInputError(f"KV must be a torch tensor or numpy array, not {type(kv).__name__}")
+    dtype = check_kv(kv, profile)
     x = kv.detach().to("cpu", torch.float32).numpy().copy()
     if not np.isfinite(x).all():
         raise InvalidInputError("KV holds NaN or Inf values; kvwire does not encode non-finite caches")
@@ -119,22 +157,29 @@ def encode_chunk(
     model_fingerprint: str | None = None,
     lanes: int = DEFAULT_LANES,
     base_step: float | None = None,
+    backend: str = "auto",
 ) -> EncodedChunk:
     """Encode one chunk ``[layers, 2, kv_heads, tokens, head_dim]`` at ``level``.
 
     ``token_start`` is the absolute position of the chunk's first token (RoPE and sinks depend on it).
     ``base_step`` overrides the level's quantisation step (rate-distortion sweeps); the decoder reads
-    the steps from the chunk, so any value decodes.
+    the steps from the chunk, so any value decodes. ``backend`` "gpu" runs transform, quantisation,
+    table choice and rANS on the tensor's device with Triton (kvwire.kernels.gpu); "auto" does so for
+    CUDA tensors when Triton is there.
     """
-    if level not in LEVELS:
-        raise InvalidInputError(f"level must be one of {LEVELS}, not {level!r}")
-    if not 0 < lanes <= fmt.MAX_LANES:
-        raise InvalidInputError(f"lanes must be in 1..{fmt.MAX_LANES}")
-    if not 0 <= token_start < 2**32 - fmt.MAX_TOKENS:
-        raise InvalidInputError(f"token_start {token_start} out of range")
-    if base_step is not None and not 1e-6 <= base_step <= 1e6:
-        raise InvalidInputError(f"base_step {base_step} out of range")
-    step0 = LEVEL_STEPS[level] if base_step is None else base_step
+    check_encode_options(level, lanes, token_start, base_step)
+    if _use_gpu(backend, None, kv if isinstance(kv, torch.Tensor) else None):
+        from kvwire.kernels import gpu
+
+        return gpu.encode_chunks_gpu(
+            [torch.as_tensor(kv)],
+            profile,
+            level=level,
+            token_starts=[token_start],
+            model_fingerprint=model_fingerprint,
+            lanes=lanes,
+            base_step=base_step,
+        )[0]
     x, dtype = _canonical(kv, profile)
     L, _, H, T, D = x.shape
     G, hpg, d = profile.groups, profile.heads_per_group, profile.group_dim
@@ -146,14 +191,9 @@ def encode_chunk(
     xg = x.reshape(L, 2, G, hpg, T, D).transpose(0, 1, 2, 4, 3, 5).reshape(L, 2, G, T, d)
     coeff = np.matmul(xg - profile.mean[:, :, :, None, :], profile_forward(profile))  # float32: the
     # encoder needs no exactness, any rounding of the coefficients is what gets coded.
-    steps = np.zeros((L, 2))
-    mant = np.zeros((L, 2, G), dtype=np.uint16)
-    exp = np.zeros((L, 2, G), dtype=np.int16)
-    for layer in range(L):
-        for k in range(2):
-            m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
-            mant[layer, k], exp[layer, k] = m, e
-            steps[layer, k] = m * 2.0**-e
+    mant_lk, exp_lk, steps = step_codes(profile, level, base_step)
+    mant = np.repeat(mant_lk[:, :, None], G, axis=2)
+    exp = np.repeat(exp_lk[:, :, None], G, axis=2)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow rows become raw tokens below
         scaled = coeff * (1.0 / steps)[:, :, None, None, None].astype(np.float32)
     # Dead-zone rounding: magnitudes round down unless past ``0.5 + DEADZONE`` of a step, which saves
@@ -231,20 +271,41 @@ def decode_chunk(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Decode one chunk into ``[layers, 2, kv_heads, tokens, head_dim]`` (keys post-RoPE).
 
     Raises CorruptChunkError (malformed, truncated, checksum), UnsupportedVersionError,
     ProfileMismatchError (encoded with another profile) or ModelMismatchError (``model_fingerprint``
-    given and different from the chunk's).
+    given and different from the chunk's). ``backend`` "gpu" runs the Triton kernels (kvwire.kernels.gpu,
+    bit-identical output); "auto" does so when ``device`` is CUDA and Triton is installed.
+    """
+    h, sec = validate_chunk(data, profile, model_fingerprint)
+    if _use_gpu(backend, device):
+        from kvwire.kernels import gpu
+
+        return gpu.decode_parsed_gpu([(h, sec)], profile, device=device, dtype=dtype)[0]
+    q = reconstruct_coefficients(h, sec)
+    out = reconstruct(h, sec, q, profile)
+    result = torch.from_numpy(out)
+    target = dtype or _TORCH_DTYPES[h.dtype]
+    result = result.to(_TORCH_DTYPES[h.dtype])
+    _overwrite_raw(result, h, sec)
+    return result.to(device=device or "cpu", dtype=target)
+
+
+def validate_chunk(
+    data: bytes | memoryview, profile: CalibrationProfile, model_fingerprint: str | None = None
+) -> tuple[fmt.ChunkHeader, fmt.ChunkSections]:
+    """Parse a chunk and check it against the profile and model; every check that precedes decoding.
+
+    Both device paths call this before any array is built or kernel launched.
     """
     h, sec = fmt.parse_chunk(data)
     check_profile_matches(profile, h.profile_digest)
     if model_fingerprint is not None and h.model_fingerprint != fingerprint_bytes(model_fingerprint):
-        raise ModelMismatchError(
-            f"chunk belongs to model {h.model_fingerprint.hex()}, "
-            f"not {fingerprint_bytes(model_fingerprint).hex()}"
-        )
+        want = fingerprint_bytes(model_fingerprint).hex()
+        raise ModelMismatchError(f"chunk belongs to model {h.model_fingerprint.hex()}, not {want}")
     if (h.layers, h.kv_heads, h.head_dim, h.heads_per_group) != (
         profile.layers,
         profile.kv_heads,
@@ -261,13 +322,23 @@ def decode_chunk(
         raise CorruptChunkError("chunk names a table outside the bank")
     if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(np.abs(sec.step_exp) > 120):
         raise CorruptChunkError("chunk holds an invalid quantisation step")
-    q = reconstruct_coefficients(h, sec)
-    out = reconstruct(h, sec, q, profile)
-    result = torch.from_numpy(out)
-    target = dtype or _TORCH_DTYPES[h.dtype]
-    result = result.to(_TORCH_DTYPES[h.dtype])
-    _overwrite_raw(result, h, sec)
-    return result.to(device=device or "cpu", dtype=target)
+    return h, sec
+
+
+def _use_gpu(backend: str, device: str | torch.device | None, tensor: torch.Tensor | None = None) -> bool:
+    """Whether to run the Triton path: forced by ``backend``, or automatic for CUDA inputs/outputs."""
+    if backend not in ("auto", "cpu", "gpu"):
+        raise InvalidInputError(f"backend must be 'auto', 'cpu' or 'gpu', not {backend!r}")
+    if backend != "auto":
+        return backend == "gpu"
+    on_cuda = (device is not None and torch.device(device).type == "cuda") or (
+        tensor is not None and tensor.device.type == "cuda"
+    )
+    if not on_cuda:
+        return False
+    from kvwire.kernels.gpu import triton_available
+
+    return triton_available()
 
 
 def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.ndarray:
@@ -382,17 +453,34 @@ def decode_chunks(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """Decode consecutive chunks and join them along the token axis; checks they are contiguous."""
-    parts = []
+    """Decode consecutive chunks and join them along the token axis; checks they are contiguous.
+
+    On the GPU path all chunks are validated first and then decoded together (one rANS launch).
+    """
+    chunks = list(chunks)
+    if not chunks:
+        raise InvalidInputError("no chunks to decode")
     expect = None
     for data in chunks:
-        start = fmt.read_header(data).token_start
-        if expect is not None and start != expect:
-            raise InvalidInputError(f"chunks are not contiguous: expected token {expect}, got {start}")
-        part = decode_chunk(data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype)
-        parts.append(part)
-        expect = start + part.shape[3]
-    if not parts:
-        raise InvalidInputError("no chunks to decode")
+        h = fmt.read_header(data)
+        if expect is not None and h.token_start != expect:
+            raise InvalidInputError(
+                f"chunks are not contiguous: expected token {expect}, got {h.token_start}"
+            )
+        expect = h.token_start + h.n_tokens
+    if _use_gpu(backend, device):
+        from kvwire.kernels import gpu
+
+        parts = gpu.decode_chunks_gpu(
+            chunks, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype
+        )
+    else:
+        parts = [
+            decode_chunk(
+                data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype, backend="cpu"
+            )
+            for data in chunks
+        ]
     return torch.cat(parts, dim=3)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# The GPU path's Triton kernels run on CPU tensors in the interpreter (tests/codec/test_gpu.py). Triton
+# reads this when it is first imported, so it is set here, before any test module can import it; it only
+# changes how Triton runs kernels, which nothing else in the tests does.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 

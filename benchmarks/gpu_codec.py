@@ -1,0 +1,276 @@
+"""Throughput and latency of the GPU codec path (kvwire.kernels.gpu) on one CUDA device, in one run.
+
+Usage: ``python benchmarks/gpu_codec.py [--out DIR] [--budget SECONDS]`` on a machine with CUDA and
+Triton; writes ``DIR/gpu_bench.md`` and prints it.
+
+Data is synthetic (no model weights needed): Laplacian sources mixed by a random matrix per
+(layer, K/V, head), with per-channel log-normal scales, offsets and a large first token, the statistics
+the CPU codec tests use (tests/codec/conftest.py); keys get RoPE applied. A profile is fitted on 512
+separate tokens with ``fit_profile``. Shapes: Llama-3-8B (32 layers, 8 KV heads, head dim 128, bf16,
+one head per group, d = 128) and SmolLM2-135M (30, 3, 64, bf16, d = 192); 256-token chunks.
+
+Reported per level and batch size: decode end to end (bytes -> KV tensor: parse + CRC + upload + rANS +
+reconstruction), decode of pre-parsed chunks, the rANS kernel alone (CUDA events), encode end to end
+(KV tensor on the GPU -> bytes). Baselines in the same run: a device-to-device copy of the fp16 KV
+(bandwidth ceiling), a plain 8-bit dequantise kernel, and the CPU path on one chunk. Bit-exactness of
+GPU and CPU decode is checked on one chunk per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from kvwire.kernels import codec, gpu
+from kvwire.kernels import format as fmt
+from kvwire.kernels.profile import CalibrationProfile, fit_profile
+from kvwire.kernels.transform import remove_rope, rope_tables
+
+CHUNK = 256
+SHAPES = {  # name: (layers, kv heads, head dim, heads per group, rope base)
+    "Llama-3-8B": (32, 8, 128, 1, 500000.0),
+    "SmolLM2-135M": (30, 3, 64, None, 100000.0),
+}
+
+
+def synthetic_kv(L: int, H: int, T: int, D: int, base: float, seed: int, device: str) -> torch.Tensor:
+    """float32 [L, 2, H, T, D] post-RoPE KV with per-channel structure (see the module docstring)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mix = (torch.randn(L, 2, H, D, D, generator=g) / D**0.5).to(device)
+    scale = torch.randn(L, 2, H, 1, D, generator=g).exp().to(device)
+    offset = (torch.randn(L, 2, H, 1, D, generator=g) * 2).to(device)
+    z = torch.distributions.Laplace(0.0, 1.0).sample((L, 2, H, T, D)).to(device)
+    kv = torch.matmul(z, mix) * scale + offset
+    kv[:, :, :, :1] *= 8
+    inv_freq = 1.0 / base ** (np.arange(0, D, 2) / D)
+    cos, sin = rope_tables(np.arange(T), inv_freq.astype(np.float32))
+    c, s = torch.from_numpy(cos).to(device), torch.from_numpy(sin).to(device)
+    k = kv[:, 0]
+    kv[:, 0] = k * c + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * s
+    return kv
+
+
+def make_profile(name: str) -> CalibrationProfile:
+    L, H, D, hpg, base = SHAPES[name]
+    inv_freq = (1.0 / base ** (np.arange(0, D, 2) / D)).astype(np.float32)
+    kv = synthetic_kv(L, H, 512, D, base, seed=1, device="cpu").double().numpy()
+    cos, sin = rope_tables(np.arange(512), inv_freq)
+    kv[:, 0] = remove_rope(kv[:, 0], cos, sin)
+    return fit_profile(
+        [kv[:, :, :, 4:]],
+        model_fingerprint="cd" * 32,
+        inv_freq=inv_freq,
+        heads_per_group=hpg,
+        layer_weight=np.full((L, 2), 0.25),
+    )
+
+
+def wall(fn: Callable[[], object], reps: int, warm: int = 1) -> float:
+    """Median wall-clock seconds of ``fn`` (synchronised), after ``warm`` untimed calls."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def events(fn: Callable[[], object], reps: int, warm: int = 2) -> float:
+    """Median device seconds of ``fn`` between CUDA events, after warm-up."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def dequant8_kernel():  # built lazily: triton is imported only where the benchmark runs
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, n, D: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        q = tl.load(q_ptr + i, mask=m, other=0).to(tl.float32)
+        c = i % D
+        s = tl.load(scale_ptr + c, mask=m, other=0.0)
+        z = tl.load(zero_ptr + c, mask=m, other=0.0)
+        tl.store(out_ptr + i, (q * s + z).to(tl.float16), mask=m)
+
+    def run(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor) -> None:
+        n = q.numel()
+        kernel[(triton.cdiv(n, 4096),)](q, scale, zero, out, n, D=scale.numel(), BLOCK=4096)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget", type=float, default=480.0, help="stop adding rows after this many s")
+    parser.add_argument("--levels", default="0,1,2,3,4")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-chunks", type=int, default=64)
+    args = parser.parse_args()
+    t_start = time.perf_counter()
+    dev = args.device
+    import triton
+
+    props = torch.cuda.get_device_properties(0) if dev == "cuda" else None
+    where = f"{props.name}, {props.multi_processor_count} SMs" if props else dev
+    head = [
+        f"# GPU codec benchmark\n\n{where}; torch {torch.__version__}, "
+        f"triton {triton.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        "Synthetic KV (see benchmarks/gpu_codec.py), 256-token chunks, bf16 input/output. "
+        "GB/s counts the fp16/bf16 bytes of the decoded (or encoded) KV; Gelt/s its elements.\n",
+    ]
+    rows: list[str] = []
+    base_rows: list[str] = []
+    exact_rows: list[str] = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        text = "\n".join(
+            [
+                *head,
+                "## Codec (GPU path)\n",
+                "| model | level | chunks | bits/elt | decode e2e ms | decode e2e GB/s | decode parsed ms "
+                "| rANS kernel ms | rANS Gelt/s | encode e2e ms | encode GB/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+                *rows,
+                "\n## Baselines (same run)\n",
+                "| what | model | chunks | ms | GB/s |",
+                "|---|---|---|---|---|",
+                *base_rows,
+                "\n## Bit-exactness on this GPU (one chunk per level)\n",
+                *exact_rows,
+                "",
+            ]
+        )
+        (out_dir / "gpu_bench.md").write_text(text)
+
+    levels = [int(v) for v in args.levels.split(",")]
+    for name, (L, H, D, _hpg, base) in SHAPES.items():
+        t0 = time.perf_counter()
+        profile = make_profile(name)
+        print(
+            f"{name}: profile fitted in {time.perf_counter() - t0:.1f} s (d = {profile.group_dim})",
+            flush=True,
+        )
+        max_b = args.max_chunks
+        kv = synthetic_kv(L, H, CHUNK * max_b, D, base, seed=2, device=dev).to(torch.bfloat16)
+        chunks = [kv[:, :, :, i * CHUNK : (i + 1) * CHUNK].contiguous() for i in range(max_b)]
+        del kv
+        elt = L * 2 * H * CHUNK * D
+        enc_batches = [1, 8, 32] if name.startswith("Llama") else [1, 8, 64]
+        dec_batches = [b for b in (1, 8, 32, 64) if b <= max_b]
+        enc_batches = [b for b in enc_batches if b <= max_b]
+        # Baselines: copy of the fp16 KV, plain 8-bit dequantise.
+        for b in dec_batches:
+            src = torch.stack(chunks[:b]).to(torch.float16)
+            dst = torch.empty_like(src)
+            t = events(functools.partial(dst.copy_, src), reps=10)
+            gbs = src.numel() * 2 / t / 1e9
+            base_rows.append(
+                f"| d2d copy of fp16 KV | {name} | {b} | {t * 1e3:.3f} | {gbs:.0f} out, {2 * gbs:.0f} r+w |"
+            )
+            q8 = torch.randint(-128, 127, src.shape, dtype=torch.int8, device=dev)
+            sc, zp = torch.rand(D, device=dev), torch.rand(D, device=dev)
+            deq = dequant8_kernel()
+            t = events(functools.partial(deq, q8, sc, zp, dst), reps=10)
+            gbs = src.numel() * 2 / t / 1e9
+            base_rows.append(f"| 8-bit dequantise (Triton) | {name} | {b} | {t * 1e3:.3f} | {gbs:.0f} out |")
+            del src, dst, q8
+        torch.cuda.empty_cache()
+        write()
+        cpu_done = False
+        for level in levels:
+            if time.perf_counter() - t_start > args.budget:
+                print("time budget reached, stopping", flush=True)
+                break
+            # Streams for decoding: GPU-encoded, in batches of at most 32 chunks.
+            data: list[bytes] = []
+            for i in range(0, max_b, 32):
+                kv_part = chunks[i : i + 32]
+                starts = [CHUNK * j for j in range(i, i + len(kv_part))]
+                encs = gpu.encode_chunks_gpu(kv_part, profile, level=level, token_starts=starts)
+                data.extend(e.data for e in encs)
+            bits = 8 * sum(len(x) for x in data) / (elt * max_b)
+            # Bit-exactness on the device: GPU decode vs CPU decode of the same bytes.
+            ref = codec.decode_chunk(data[1], profile, backend="cpu")
+            got = codec.decode_chunk(data[1], profile, device=dev).cpu()
+            same = torch.equal(ref, got)
+            exact_rows.append(f"- {name} level {level}: GPU decode == CPU decode (torch.equal): {same}")
+            if not cpu_done:
+                t_enc = time.perf_counter()
+                codec.encode_chunk(chunks[1].cpu(), profile, level=level, token_start=CHUNK, backend="cpu")
+                t_enc = time.perf_counter() - t_enc
+                t_dec = time.perf_counter()
+                codec.decode_chunk(data[1], profile, backend="cpu")
+                t_dec = time.perf_counter() - t_dec
+                for what, t in (("encode", t_enc), ("decode", t_dec)):
+                    base_rows.append(
+                        f"| CPU path {what}, 1 chunk (level {level}) | {name} | 1 | {t * 1e3:.0f} "
+                        f"| {elt * 2 / t / 1e9:.2f} out |"
+                    )
+                cpu_done = True
+            for b in dec_batches:
+                reps = 5 if b <= 8 else 3
+                part = data[:b]
+                t_e2e = wall(functools.partial(gpu.decode_chunks_gpu, part, profile, device=dev), reps)
+                parsed = [codec.validate_chunk(x, profile) for x in part]
+                t_parsed = wall(functools.partial(gpu.decode_parsed_gpu, parsed, profile, device=dev), reps)
+                batch = gpu.prepare_decode(parsed, torch.device(dev))
+                t_rans = events(functools.partial(gpu.launch_decode, batch), reps)
+                assert not batch.status.any()
+                del batch
+                enc = "| |"
+                if b in enc_batches:
+                    kvs = chunks[:b]
+                    starts = [CHUNK * j for j in range(b)]
+                    run = functools.partial(
+                        gpu.encode_chunks_gpu, kvs, profile, level=level, token_starts=starts
+                    )
+                    t_enc = wall(run, reps=3)
+                    enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
+                n = elt * b
+                rows.append(
+                    f"| {name} | {level} | {b} | {bits:.2f} | {t_e2e * 1e3:.1f} | {n * 2 / t_e2e / 1e9:.1f} "
+                    f"| {t_parsed * 1e3:.1f} | {t_rans * 1e3:.2f} | {n / t_rans / 1e9:.1f} {enc}"
+                )
+                print(rows[-1], flush=True)
+                torch.cuda.empty_cache()
+                write()
+        del chunks
+        torch.cuda.empty_cache()
+    write()
+    print((out_dir / "gpu_bench.md").read_text())
+    print(f"total {time.perf_counter() - t_start:.0f} s; format version {fmt.FORMAT_VERSION}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Triton kernels for the interleaved rANS stage (the GPU twin of kvwire.kernels.rans).
+
+One program codes one segment with a vector of lanes. Per step every active lane decodes (or encodes)
+one symbol; the words the lanes read (or push) are placed in the segment's shared 16-bit word stream
+by a prefix sum of the lanes' word counts, in lane order, exactly as the CPU coder walks it.
+
+A lane's word count is known before the word is read: after the main step a lane reads a word when its
+state is below 2**16; the bypass step that follows (``nb`` raw bits) then needs a second word exactly
+when the state *before* the first read was below ``2**nb`` (the read word only fills bits that the
+shift throws away), or, without a first read, when ``state >> nb < 2**16``. So one exclusive prefix
+sum of counts in {0, 1, 2} per step places every read.
+
+Import this module only where Triton is installed; ``TRITON_INTERPRET=1`` (read when this module is
+imported) runs the kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kvwire.kernels import rans
+
+# Segment statuses written by the decoder (0: decoded cleanly).
+STATUS_OK = 0
+STATUS_BAD_STATE = 1  # an initial lane state below 2**16
+STATUS_OVERRUN = 2  # would read past the segment's words
+STATUS_LEFTOVER = 3  # words left unread
+STATUS_END_STATE = 4  # a lane did not return to the initial state 2**16
+
+
+@triton.jit
+def _symbol_value(sym, raw, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr):
+    r = sym - (2 * DIRECT_MAX + 1)
+    k = r // 2 + MIN_OCTAVE
+    mag = (tl.full(sym.shape, 1, tl.int64) << k) + raw
+    big = tl.where((r & 1) != 0, -mag, mag)
+    return tl.where(sym <= 2 * DIRECT_MAX, sym - DIRECT_MAX, big)
+
+
+@triton.jit
+def decode_kernel(
+    words_ptr,  # int16 [total words]: every segment's 16-bit words (read as unsigned), one after another
+    word_start_ptr,  # int64 [S]
+    word_end_ptr,  # int64 [S]
+    states_ptr,  # int64 [S, MAX_LANES]
+    lanes_ptr,  # int32 [S]
+    n_tok_ptr,  # int32 [S]
+    live_ptr,  # int32 [S, D]: live components in order, then padding
+    n_live_ptr,  # int32 [S]
+    classes_ptr,  # int32 [S, D]
+    out_offset_ptr,  # int64 [S]: where segment s's [D, n_tok] int32 block starts in out
+    out_ptr,  # int32, zero-filled by the caller
+    freq_ptr,  # int64 [n_tables, NUM_SYMBOLS]
+    cum_ptr,  # int64 [n_tables, NUM_SYMBOLS]
+    lut_ptr,  # int32 [n_tables, PROB_SCALE]
+    extra_ptr,  # int32 [NUM_SYMBOLS]
+    status_ptr,  # int32 [S]
+    D,
+    MAX_LANES,
+    BLOCK: tl.constexpr,
+    NUM_SYMBOLS: tl.constexpr,
+    PROB_BITS: tl.constexpr,
+    DIRECT_MAX: tl.constexpr,
+    MIN_OCTAVE: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64)
+    lanes = tl.load(lanes_ptr + seg)
+    n_tok = tl.load(n_tok_ptr + seg)
+    n_live = tl.load(n_live_ptr + seg)
+    ptr = tl.load(word_start_ptr + seg)
+    end = tl.load(word_end_ptr + seg)
+    out_base = tl.load(out_offset_ptr + seg)
+    active = tl.minimum(lanes, n_live)
+    g = tl.arange(0, BLOCK)
+    lane_on = g < active
+    x = tl.load(states_ptr + seg * MAX_LANES + g, mask=lane_on, other=65536)
+    status = tl.where(tl.sum((x < 65536).to(tl.int32), axis=0) > 0, 1, 0)
+    overrun = ptr < 0  # a scalar False of the right type
+    n_blocks = tl.cdiv(n_live, tl.maximum(active, 1))
+    # While loops, not range(): the interpreter cannot take a loaded scalar as a range bound.
+    j = 0
+    while j < n_blocks:
+        idx = j * active + g
+        on = lane_on & (idx < n_live)
+        comp = tl.load(live_ptr + seg * D + idx, mask=on, other=0)
+        cl = tl.load(classes_ptr + seg * D + comp, mask=on, other=0).to(tl.int64)
+        out_row = out_ptr + out_base + comp.to(tl.int64) * n_tok
+        t = 0
+        while t < n_tok:
+            slot = x & ((1 << PROB_BITS) - 1)
+            sym = tl.load(lut_ptr + (cl << PROB_BITS) + slot, mask=on, other=DIRECT_MAX).to(tl.int64)
+            f = tl.load(freq_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=1)
+            c = tl.load(cum_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=0)
+            nb = tl.load(extra_ptr + sym, mask=on, other=0).to(tl.int64)
+            xs = f * (x >> PROB_BITS) + slot - c
+            need1 = xs < 65536
+            one = tl.full(xs.shape, 1, tl.int64)
+            need2 = (nb > 0) & tl.where(need1, xs < (one << nb), (xs >> nb) < 65536)
+            need1 = need1 & on
+            need2 = need2 & on
+            count = need1.to(tl.int32) + need2.to(tl.int32)
+            before = tl.cumsum(count, axis=0) - count
+            total = tl.sum(count, axis=0)
+            p1 = ptr + before
+            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.int64) & 0xFFFF
+            xs = tl.where(need1, (xs << 16) | w1, xs)
+            raw = xs & ((tl.full(xs.shape, 1, tl.int64) << nb) - 1)
+            xs = xs >> nb
+            p2 = p1 + need1.to(tl.int64)
+            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.int64) & 0xFFFF
+            xs = tl.where(need2, (xs << 16) | w2, xs)
+            overrun = overrun | (ptr + total > end)
+            ptr = ptr + total
+            value = _symbol_value(sym, raw, DIRECT_MAX, MIN_OCTAVE)
+            tl.store(out_row + t, value.to(tl.int32), mask=on)
+            x = tl.where(on, xs, x)
+            t += 1
+        j += 1
+    bad_end = tl.sum((lane_on & (x != 65536)).to(tl.int32), axis=0) > 0
+    late = tl.where(overrun, 2, tl.where(ptr != end, 3, tl.where(bad_end, 4, 0)))
+    status = tl.where(status != 0, status, late)
+    tl.store(status_ptr + seg, status)
+
+
+@triton.jit
+def encode_kernel(
+    values_ptr,  # int32 [S, D, T]
+    live_ptr,  # int32 [S, D]
+    n_live_ptr,  # int32 [S]
+    classes_ptr,  # int32 [S, D]
+    freq_ptr,  # int64 [n_tables, NUM_SYMBOLS]
+    cum_ptr,  # int64 [n_tables, NUM_SYMBOLS]
+    scratch_ptr,  # int16 [S, SCRATCH]: words in push order (the decoder reads them reversed)
+    n_words_ptr,  # int64 [S]
+    states_ptr,  # int64 [S, lanes], zero-filled by the caller
+    D,
+    T,
+    lanes,
+    SCRATCH,
+    BLOCK: tl.constexpr,
+    NUM_SYMBOLS: tl.constexpr,
+    PROB_BITS: tl.constexpr,
+    DIRECT_MAX: tl.constexpr,
+    MIN_OCTAVE: tl.constexpr,
+    MAX_OCTAVE: tl.constexpr,
+):
+    seg = tl.program_id(0).to(tl.int64)
+    n_live = tl.load(n_live_ptr + seg)
+    active = tl.minimum(lanes, n_live)
+    g = tl.arange(0, BLOCK)
+    lane_on = g < active
+    x = tl.full((BLOCK,), 65536, tl.int64)
+    sp = tl.zeros((), tl.int64)
+    n_blocks = tl.cdiv(n_live, tl.maximum(active, 1))
+    main_limit = (65536 >> PROB_BITS) << 16
+    j = n_blocks - 1
+    while j >= 0:
+        idx = j * active + g
+        on = lane_on & (idx < n_live)
+        comp = tl.load(live_ptr + seg * D + idx, mask=on, other=0)
+        cl = tl.load(classes_ptr + seg * D + comp, mask=on, other=0).to(tl.int64)
+        row = values_ptr + (seg * D + comp.to(tl.int64)) * T
+        t = T - 1
+        while t >= 0:
+            v = tl.load(row + t, mask=on, other=0).to(tl.int64)
+            a = tl.abs(v)
+            k = tl.full((BLOCK,), MIN_OCTAVE, tl.int64)
+            for b in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
+                k += (a >= (1 << b)).to(tl.int64)
+            direct = a <= DIRECT_MAX
+            octave_sym = 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int64)
+            sym = tl.where(direct, v + DIRECT_MAX, octave_sym)
+            nb = tl.where(direct, 0, k)
+            one = tl.full((BLOCK,), 1, tl.int64)
+            raw = tl.where(direct, 0, a - (one << k))
+            push1 = (nb > 0) & (x >= ((65536 >> nb) << 16)) & on
+            word1 = x & 0xFFFF
+            xs = tl.where(push1, x >> 16, x)
+            xs = tl.where(nb > 0, (xs << nb) | raw, xs)
+            f = tl.load(freq_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=1)
+            c = tl.load(cum_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=0)
+            push2 = (xs >= main_limit * f) & on
+            word2 = xs & 0xFFFF
+            xs = tl.where(push2, xs >> 16, xs)
+            xs = ((xs // f) << PROB_BITS) + (xs % f) + c
+            count = push1.to(tl.int64) + push2.to(tl.int64)
+            # Lanes push from the highest down: lane g's words follow those of every lane above it.
+            pos = sp + tl.sum(count, axis=0) - tl.cumsum(count, axis=0)
+            dst = scratch_ptr + seg * SCRATCH
+            tl.store(dst + pos, word1.to(tl.int16), mask=push1 & (pos < SCRATCH))
+            pos2 = pos + push1.to(tl.int64)
+            tl.store(dst + pos2, word2.to(tl.int16), mask=push2 & (pos2 < SCRATCH))
+            sp = sp + tl.sum(count, axis=0)
+            x = tl.where(on, xs, x)
+            t -= 1
+        j -= 1
+    tl.store(states_ptr + seg * lanes + g, x, mask=lane_on)
+    tl.store(n_words_ptr + seg, sp)
+
+
+CONSTANTS = {
+    "NUM_SYMBOLS": rans.NUM_SYMBOLS,
+    "PROB_BITS": rans.PROB_BITS,
+    "DIRECT_MAX": rans.DIRECT_MAX,
+    "MIN_OCTAVE": rans.MIN_OCTAVE,
+}
