@@ -19,14 +19,44 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.*` importable
 import torch
 
 from benchmarks.baselines import BASELINES, Quantizer
-from benchmarks.quality import Quality, Reference, evaluate, reference_pass
+from kvwire.calibration import load_or_calibrate
 from kvwire.errors import InvalidInputError
-from kvwire.model import load_model, prefill_kv, text_tokens
+from kvwire.kernels import codec
+from kvwire.kernels.profile import CalibrationProfile
+from kvwire.model import load_model, model_fingerprint, prefill_kv, text_tokens
+from kvwire.quality import Quality, Reference, evaluate, reference_pass
 
-METHODS: dict[str, Quantizer] = {
-    **BASELINES,
-    # "kvwire-L1": lambda kv: ...,  # the kvwire codec levels go here
-}
+METHODS: dict[str, Quantizer] = dict(BASELINES)
+# Extra kvwire operating points (base steps) for comparisons with baselines at equal KL.
+SWEEP_STEPS = (0.12, 0.18, 0.35)
+
+
+def kvwire_methods(profile: CalibrationProfile, fingerprint: str) -> dict[str, Quantizer]:
+    """kvwire at each level (and the sweep steps): encode the fp16 cache chunk by chunk, decode it back."""
+
+    def method(level: int, step: float | None) -> Quantizer:
+        def run(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+            half = kv.to(torch.float16)
+            chunks = [
+                codec.encode_chunk(
+                    half[:, :, :, a:b],
+                    profile,
+                    level=level,
+                    token_start=a,
+                    model_fingerprint=fingerprint,
+                    base_step=step,
+                )
+                for a, b in codec.split_tokens(kv.shape[3])
+            ]
+            out = codec.decode_chunks([c.data for c in chunks], profile, model_fingerprint=fingerprint)
+            return out.to(kv.dtype), sum(c.nbytes for c in chunks)
+
+        return run
+
+    methods = {f"kvwire-L{lv}": method(lv, None) for lv in codec.LEVELS}
+    methods.update({f"kvwire-step{s}": method(0, s) for s in SWEEP_STEPS})
+    return methods
+
 
 # Each text: license files concatenated in order; context = first N tokens, continuation = next M.
 TEXTS: dict[str, list[str]] = {
@@ -133,14 +163,16 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    print(f"model loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    profile = load_or_calibrate(model, tokenizer)
+    print(f"calibration profile {profile.digest[:16]} ready", file=sys.stderr)
+    METHODS.update(kvwire_methods(profile, model_fingerprint(model, tokenizer)))
     names = args.methods.split(",") if args.methods else list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
-
-    started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    print(f"model loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     results = []
     for text, files in TEXTS.items():
         ids = text_tokens(tokenizer, files, args.context_tokens + args.continuation_tokens)

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvwire.client.throttle import BYTES_PER_GBPS, NAMED_TRACES, BandwidthTrace
-
 from kvwire.controller import (
     ChunkOption,
     ContextOptions,

@@ -118,10 +118,13 @@ def encode_chunk(
     token_start: int = 0,
     model_fingerprint: str | None = None,
     lanes: int = DEFAULT_LANES,
+    base_step: float | None = None,
 ) -> EncodedChunk:
     """Encode one chunk ``[layers, 2, kv_heads, tokens, head_dim]`` at ``level``.
 
     ``token_start`` is the absolute position of the chunk's first token (RoPE and sinks depend on it).
+    ``base_step`` overrides the level's quantisation step (rate-distortion sweeps); the decoder reads
+    the steps from the chunk, so any value decodes.
     """
     if level not in LEVELS:
         raise InvalidInputError(f"level must be one of {LEVELS}, not {level!r}")
@@ -129,6 +132,9 @@ def encode_chunk(
         raise InvalidInputError(f"lanes must be in 1..{fmt.MAX_LANES}")
     if not 0 <= token_start < 2**32 - fmt.MAX_TOKENS:
         raise InvalidInputError(f"token_start {token_start} out of range")
+    if base_step is not None and not 1e-6 <= base_step <= 1e6:
+        raise InvalidInputError(f"base_step {base_step} out of range")
+    step0 = LEVEL_STEPS[level] if base_step is None else base_step
     x, dtype = _canonical(kv, profile)
     L, _, H, T, D = x.shape
     G, hpg, d = profile.groups, profile.heads_per_group, profile.group_dim
@@ -145,7 +151,7 @@ def encode_chunk(
     exp = np.zeros((L, 2, G), dtype=np.int16)
     for layer in range(L):
         for k in range(2):
-            m, e = _step_code(LEVEL_STEPS[level] * float(profile.layer_weight[layer, k]))
+            m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
             mant[layer, k], exp[layer, k] = m, e
             steps[layer, k] = m * 2.0**-e
     with np.errstate(over="ignore", invalid="ignore"):  # overflow rows become raw tokens below
@@ -236,7 +242,8 @@ def decode_chunk(
     check_profile_matches(profile, h.profile_digest)
     if model_fingerprint is not None and h.model_fingerprint != fingerprint_bytes(model_fingerprint):
         raise ModelMismatchError(
-            f"chunk belongs to model {h.model_fingerprint.hex()}, not {fingerprint_bytes(model_fingerprint).hex()}"
+            f"chunk belongs to model {h.model_fingerprint.hex()}, "
+            f"not {fingerprint_bytes(model_fingerprint).hex()}"
         )
     if (h.layers, h.kv_heads, h.head_dim, h.heads_per_group) != (
         profile.layers,
@@ -246,7 +253,9 @@ def decode_chunk(
     ):
         raise CorruptChunkError("chunk layout does not match its calibration profile")
     if h.table_bank != TABLE_BANK_VERSION:
-        raise CorruptChunkError(f"chunk uses rANS table bank {h.table_bank}, this build has {TABLE_BANK_VERSION}")
+        raise CorruptChunkError(
+            f"chunk uses rANS table bank {h.table_bank}, this build has {TABLE_BANK_VERSION}"
+        )
     bank = table_bank()
     if np.any(sec.classes >= bank.n_tables):
         raise CorruptChunkError("chunk names a table outside the bank")
@@ -282,7 +291,9 @@ def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.n
     return q
 
 
-def reconstruct(h: fmt.ChunkHeader, sec: fmt.ChunkSections, q: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
+def reconstruct(
+    h: fmt.ChunkHeader, sec: fmt.ChunkSections, q: np.ndarray, profile: CalibrationProfile
+) -> np.ndarray:
     """Exact inverse transform: float32 [layers, 2, kv_heads, tokens, head_dim] (raw rows not yet placed)."""
     L, G, hpg, D, T, d = h.layers, h.groups, h.heads_per_group, h.head_dim, h.n_tokens, h.group_dim
     out = np.empty((L, 2, G, T, d), dtype=np.float32)
@@ -298,14 +309,18 @@ def reconstruct(h: fmt.ChunkHeader, sec: fmt.ChunkSections, q: np.ndarray, profi
             # magnitude, so the float64 GEMM is exact whatever order the BLAS sums in.
             scale = np.ldexp(float(sec.step_mant[seg]), -(int(sec.step_exp[seg]) + int(basis_exp[seg])))
             rows = basis[seg, live].astype(np.float64) * scale
-            np.add(np.matmul(q[seg, live].T.astype(np.float64), rows), 0.0, out=flat[seg], casting="same_kind")
+            np.add(
+                np.matmul(q[seg, live].T.astype(np.float64), rows), 0.0, out=flat[seg], casting="same_kind"
+            )
             flat[seg] += mean[seg]
         else:
             flat[seg] = mean[seg]
     x = out.reshape(L, 2, G, T, hpg, D).transpose(0, 1, 2, 4, 3, 5).reshape(L, 2, G * hpg, T, D)
     x = np.ascontiguousarray(x)
     if profile.has_rope:
-        cos, sin = rope_tables(np.arange(h.token_start, h.token_start + T), profile.inv_freq, profile.rope_scaling)
+        cos, sin = rope_tables(
+            np.arange(h.token_start, h.token_start + T), profile.inv_freq, profile.rope_scaling
+        )
         x[:, 0] = apply_rope(x[:, 0], cos, sin)
     return x
 
@@ -339,14 +354,20 @@ def encode_kv(
 ) -> list[dict[int, EncodedChunk]]:
     """Encode a whole context: for each chunk of ``chunk_tokens`` tokens, a bitstream per level."""
     if kv.ndim != 5:
-        raise InvalidInputError(f"KV must be [layers, 2, kv_heads, tokens, head_dim], got shape {tuple(kv.shape)}")
+        raise InvalidInputError(
+            f"KV must be [layers, 2, kv_heads, tokens, head_dim], got shape {tuple(kv.shape)}"
+        )
     chunks = []
     for start, end in split_tokens(int(kv.shape[3]), chunk_tokens):
         part = kv[:, :, :, start:end]
         chunks.append(
             {
                 lv: encode_chunk(
-                    part, profile, level=lv, token_start=token_start + start, model_fingerprint=model_fingerprint
+                    part,
+                    profile,
+                    level=lv,
+                    token_start=token_start + start,
+                    model_fingerprint=model_fingerprint,
                 )
                 for lv in levels
             }

@@ -225,7 +225,9 @@ def parse_chunk(data: bytes | memoryview) -> tuple[ChunkHeader, ChunkSections]:
     sizes = section_sizes(h)
     expect = sum(size for _, size in sizes)
     if h.payload_size != expect:
-        raise CorruptChunkError(f"payload size {h.payload_size} does not match the header's layout ({expect})")
+        raise CorruptChunkError(
+            f"payload size {h.payload_size} does not match the header's layout ({expect})"
+        )
     if len(data) != HEADER_SIZE + expect:
         what = "truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
         raise CorruptChunkError(f"chunk is {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
@@ -256,7 +258,8 @@ def parse_chunk(data: bytes | memoryview) -> tuple[ChunkHeader, ChunkSections]:
     if offsets[0] != 0 or offsets[-1] != h.n_words or np.any(np.diff(offsets) < 0):
         raise CorruptChunkError("coder word offsets are inconsistent")
     if h.n_raw and (
-        np.any(np.diff(sec.raw_index.astype(np.int64)) <= 0) or int(sec.raw_index[-1]) >= h.layers * 2 * h.n_tokens
+        np.any(np.diff(sec.raw_index.astype(np.int64)) <= 0)
+        or int(sec.raw_index[-1]) >= h.layers * 2 * h.n_tokens
     ):
         raise CorruptChunkError("raw token index is out of range or unsorted")
     return h, sec

@@ -91,7 +91,7 @@ class CalibrationProfile:
                 sort_keys=True,
             ),
         }
-        tensors = {
+        tensors: dict[str, np.ndarray] = {
             "mean": np.ascontiguousarray(self.mean, dtype=np.float32),
             "basis": np.ascontiguousarray(self.basis, dtype=np.int16),
             "basis_exp": np.ascontiguousarray(self.basis_exp, dtype=np.int8),
@@ -137,7 +137,10 @@ class CalibrationProfile:
     def validate(self) -> None:
         """Check shapes, ranges and invertibility; raises InvalidInputError."""
         L, G, d = self.layers, self.groups, self.group_dim
-        if min(L, self.kv_heads, self.head_dim, self.heads_per_group) < 1 or self.kv_heads % self.heads_per_group:
+        if (
+            min(L, self.kv_heads, self.head_dim, self.heads_per_group) < 1
+            or self.kv_heads % self.heads_per_group
+        ):
             raise InvalidInputError("profile layout is inconsistent")
         if d > MAX_GROUP_DIM:
             raise InvalidInputError(f"profile group dimension {d} exceeds {MAX_GROUP_DIM}")
@@ -150,9 +153,13 @@ class CalibrationProfile:
         dtypes = {"mean": np.float32, "basis": np.int16, "basis_exp": np.int8, "layer_weight": np.float32}
         for name, shape in expect.items():
             if getattr(self, name).dtype != dtypes[name]:
-                raise InvalidInputError(f"profile {name} has dtype {getattr(self, name).dtype}, expected {dtypes[name]}")
+                raise InvalidInputError(
+                    f"profile {name} has dtype {getattr(self, name).dtype}, expected {dtypes[name]}"
+                )
             if getattr(self, name).shape != shape:
-                raise InvalidInputError(f"profile {name} has shape {getattr(self, name).shape}, expected {shape}")
+                raise InvalidInputError(
+                    f"profile {name} has shape {getattr(self, name).shape}, expected {shape}"
+                )
         if self.has_rope and (self.inv_freq.ndim != 1 or 2 * self.inv_freq.size > self.head_dim):
             raise InvalidInputError("profile rotary frequencies do not fit the head dimension")
         if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.inv_freq))):
@@ -203,7 +210,7 @@ def check_profile_matches(profile: CalibrationProfile, digest_prefix: bytes) -> 
     if bytes.fromhex(profile.digest)[: len(digest_prefix)] != digest_prefix:
         raise ProfileMismatchError(
             f"chunk was encoded with calibration profile {digest_prefix.hex()}, "
-            f"but profile {profile.digest[:2 * len(digest_prefix)]} was supplied"
+            f"but profile {profile.digest[: 2 * len(digest_prefix)]} was supplied"
         )
 
 

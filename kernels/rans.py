@@ -134,7 +134,10 @@ def encode_segments(
     freq: np.ndarray,
     cum: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encode every segment. Returns (words uint16, word offsets int64 [n_seg+1], states uint32 [n_seg, lanes])."""
+    """Encode every segment.
+
+    Returns (words uint16, word offsets int64 [n_seg + 1], final lane states uint32 [n_seg, lanes]).
+    """
     n_seg, d, n_tok = values.shape
     scratch = np.empty(2 * d * n_tok + 16, dtype=np.uint16)
     words = np.empty(2 * n_seg * d * n_tok + 16, dtype=np.uint16)
@@ -215,7 +218,11 @@ def decode_segments(
                     xs = x[g]
                     slot = xs & mask
                     sym = lut[cl, slot]
-                    xs = np.uint64(freq[cl, sym]) * (xs >> np.uint64(PROB_BITS)) + slot - np.uint64(cum[cl, sym])
+                    xs = (
+                        np.uint64(freq[cl, sym]) * (xs >> np.uint64(PROB_BITS))
+                        + slot
+                        - np.uint64(cum[cl, sym])
+                    )
                     if xs < STATE_LOW:
                         if ptr >= end:
                             return seg + 1
@@ -223,7 +230,7 @@ def decode_segments(
                         ptr += 1
                     nb = extra_bits[sym]
                     if nb > 0:
-                        raw = np.int64(xs & np.uint64((1 << nb) - 1))
+                        raw = int(xs & np.uint64((1 << nb) - 1))
                         xs >>= np.uint64(nb)
                         if xs < STATE_LOW:
                             if ptr >= end:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def rope_tables(positions: np.ndarray, inv_freq: np.ndarray, scaling: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    positions: np.ndarray, inv_freq: np.ndarray, scaling: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables, float32 [T, rotary_dim], in the rotate-half layout of Llama-style models."""
     angle = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
     angle = np.concatenate([angle, angle], axis=-1)

@@ -151,11 +151,7 @@ def _model_rope(model: Any, head_dim: int) -> _Rope | None:
         params = rope_parameters(model)
     except InvalidInputError:
         return None
-    if params.inv_freq is not None:
-        inv_freq = params.inv_freq.detach().cpu().float().numpy()
-    else:  # default RoPE: computed exactly as transformers' Llama does, in float32
-        exponent = torch.arange(0, params.head_dim, 2, dtype=torch.int64).float() / params.head_dim
-        inv_freq = (1.0 / (params.theta**exponent)).numpy()
+    inv_freq = params.inv_freq.detach().cpu().float().numpy()
     if params.head_dim != head_dim or 2 * inv_freq.size > head_dim:
         return None
     return _Rope(inv_freq=inv_freq.astype(np.float32), scaling=params.attention_scaling)
@@ -364,7 +360,7 @@ def calibrate(
         key_weight = energy.key_weight(H, D, rotary_dim)
         value_metric = _value_metric([o for _, o in projections], H, D)
 
-    fit = {
+    fit: dict[str, Any] = {
         "model_fingerprint": model_fingerprint(model, tokenizer),
         "inv_freq": rope.inv_freq if rope is not None else None,
         "rope_scaling": rope.scaling if rope is not None else 1.0,

@@ -53,6 +53,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_codec_demo(args: argparse.Namespace) -> int:
+    """Prefill a real text, encode its KV cache at every level, report size and quality per level."""
+    from kvwire.demo import codec_demo
+
+    codec_demo(
+        texts=args.text,
+        context_tokens=args.tokens,
+        continuation_tokens=args.continuation,
+        model_path=args.model,
+    )
+    return 0
+
+
 def _add_service_options(parser: argparse.ArgumentParser, *, http: bool) -> None:
     if http:
         parser.add_argument("--host", help="bind address (KVWIRE_HOST, default 127.0.0.1)")
@@ -83,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvwire {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    demo = _add(
+        subparsers,
+        "codec-demo",
+        _cmd_codec_demo,
+        help="encode a real context at every level, print size and quality",
+    )
+    demo.add_argument(
+        "--text", nargs="+", default=["GPL-3"], help="files under /usr/share/common-licenses, concatenated"
+    )
+    demo.add_argument("--tokens", type=int, default=2048, help="context length in tokens")
+    demo.add_argument("--continuation", type=int, default=64, help="continuation tokens scored for KL")
+    demo.add_argument("--model", help="model directory or .gguf (default: bundled SmolLM2)")
     serve = _add(subparsers, "serve", _cmd_serve, help="run the REST (and gRPC) API server")
     _add_service_options(serve, http=True)
     worker = _add(subparsers, "worker", _cmd_worker, help="run a standalone ingest worker (Redis job queue)")

@@ -226,19 +226,9 @@ class RopeParameters:
     head_dim: int
     theta: float
     rope_type: str
+    inv_freq: torch.Tensor
     scaling: dict[str, Any] = field(default_factory=dict)
-    inv_freq: torch.Tensor | None = None
     attention_scaling: float = 1.0
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope_cos_sin`` with these parameters."""
-        return rope_cos_sin(
-            positions,
-            self.head_dim,
-            self.theta,
-            inv_freq=self.inv_freq,
-            attention_scaling=self.attention_scaling,
-        )
 
 
 def rope_parameters(model_or_config: Any) -> RopeParameters:
@@ -265,8 +255,15 @@ def rope_parameters(model_or_config: Any) -> RopeParameters:
     if rope_type in ("dynamic", "longrope"):
         raise InvalidInputError(f"sequence-length-dependent RoPE type {rope_type!r} is not supported")
     head_dim = _head_dim(config)
-    if rope_type == "default":
-        return RopeParameters(head_dim=head_dim, theta=theta, rope_type=rope_type, scaling=params)
+    if rope_type == "default":  # exactly as transformers' Llama computes it, in float32
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return RopeParameters(
+            head_dim=head_dim,
+            theta=theta,
+            rope_type=rope_type,
+            scaling=params,
+            inv_freq=1.0 / (theta**exponent),
+        )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
@@ -280,42 +277,6 @@ def rope_parameters(model_or_config: Any) -> RopeParameters:
         inv_freq=inv_freq.float(),
         attention_scaling=float(attention_scaling),
     )
-
-
-def rope_cos_sin(
-    positions: torch.Tensor,
-    head_dim: int,
-    theta: float,
-    *,
-    inv_freq: torch.Tensor | None = None,
-    attention_scaling: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each ``[len(positions), head_dim]`` float32, exactly as transformers' Llama computes them.
-
-    ``inv_freq`` overrides the default ``theta ** (-2i / head_dim)`` (for scaled RoPE types).
-    """
-    if head_dim % 2:
-        raise InvalidInputError(f"head_dim must be even, got {head_dim}")
-    if inv_freq is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions.reshape(-1, 1).float() * inv_freq.to(device=positions.device, dtype=torch.float32)
-    emb = torch.cat((freqs, freqs), dim=-1)  # halves share frequencies: the `rotate_half` pairing
-    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[..., tokens, head_dim]`` by RoPE (cos, sin: ``[tokens, head_dim]``) like the model."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def remove_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``apply_rope``: rotate back by the negative angle (and undo any attention scaling)."""
-    return (x * cos - _rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
 # -------------------------------------------------------------------------------------------- texts
@@ -342,15 +303,12 @@ def text_tokens(tokenizer: Any, names: list[str], n_tokens: int) -> list[int]:
 
 __all__ = [
     "RopeParameters",
-    "apply_rope",
     "bundled_model_path",
     "cache_to_tensor",
     "empty_cache",
     "load_model",
     "model_fingerprint",
     "prefill_kv",
-    "remove_rope",
-    "rope_cos_sin",
     "rope_parameters",
     "tensor_to_cache",
     "text_tokens",

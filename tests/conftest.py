@@ -27,3 +27,16 @@ def smollm2() -> tuple[Any, Any]:
 
     torch.set_num_threads(1)
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_profile(smollm2: tuple[Any, Any]) -> Any:
+    """The calibration profile of the bundled model, calibrated once per test session (~1 min)."""
+    import time
+
+    from kvwire.calibration import calibrate
+
+    start = time.perf_counter()
+    profile = calibrate(*smollm2)
+    print(f"SmolLM2 calibration took {time.perf_counter() - start:.1f} s")
+    return profile

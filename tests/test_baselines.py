@@ -1,4 +1,4 @@
-"""Tests for benchmarks.baselines (sizes, error bounds) and benchmarks.quality (on a tiny random Llama)."""
+"""Tests for benchmarks.baselines (sizes, error bounds) and kvwire.quality (on a tiny random Llama)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.baselines import BASELINES, fp16, kivi2, kivi4, minmax4, minmax8, minmax_quantize
-from benchmarks.quality import evaluate, reference_pass
 from kvwire.errors import InvalidInputError
 from kvwire.model import prefill_kv
+from kvwire.quality import evaluate, reference_pass
 
 
 def synthetic_kv(tokens: int = 512, head_dim: int = 64, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,19 +165,15 @@ def test_profile_cache_path_and_recalibration(tmp_path: Path, monkeypatch: pytes
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_real_model_calibration(smollm2: tuple[Any, Any]) -> None:
+def test_real_model_calibration(smollm2: tuple[Any, Any], smollm2_profile: CalibrationProfile) -> None:
     model, tokenizer = smollm2
-    start = time.perf_counter()
-    profile = calibrate(model, tokenizer)
-    elapsed = time.perf_counter() - start
+    profile = smollm2_profile
     profile.validate()
     assert (profile.layers, profile.kv_heads, profile.head_dim, profile.heads_per_group) == (30, 3, 64, 3)
     assert profile.has_rope and profile.model_fingerprint == model_fingerprint(model, tokenizer)
     w = profile.layer_weight.astype(np.float64)
-    alpha = (TARGET := calibration.TARGET_KL_AT_UNIT_STEP) * 12 / w.size / w**2
-    np.testing.assert_allclose((alpha * w**2 / 12).sum(), TARGET, rtol=1e-5)
-    print(
-        f"\nSmolLM2 calibration: {elapsed:.1f} s; alpha {alpha.min():.2e}..{alpha.max():.2e}; "
-        f"most sensitive (layer, K/V): {np.unravel_index(alpha.argmax(), alpha.shape)}; {profile.notes}"
-    )
-    assert elapsed < 180
+    assert np.all(np.isfinite(w)) and np.all(w > 0)
+    # Layers differ a lot in sensitivity; the value cache of layer 0 is among the most sensitive.
+    assert w.max() / w.min() > 4
+    assert w[0, 1] < np.median(w)
+    print(f"\nSmolLM2 layer weights {w.min():.2f}..{w.max():.2f}; {profile.notes}")

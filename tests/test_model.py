@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvwire.errors import InvalidInputError, NotFoundError
+from kvwire.kernels.transform import apply_rope, remove_rope, rope_tables
 from kvwire.model import (
     LICENSES_DIR,
-    apply_rope,
     cache_to_tensor,
     model_fingerprint,
     prefill_kv,
-    remove_rope,
-    rope_cos_sin,
     rope_parameters,
     tensor_to_cache,
     text_tokens,
@@ -153,20 +152,23 @@ def test_remove_rope_recovers_k_proj_output(rope: dict[str, Any]) -> None:
     ids = torch.randint(0, 97, (1, 48))
     params = rope_parameters(model)
     assert params.head_dim == 8 and params.theta == 100000.0
-    cos, sin = params.cos_sin(torch.arange(48))
+    cos, sin = rope_tables(np.arange(48), params.inv_freq.numpy(), params.attention_scaling)
     pre = keys_before_rope(model, ids)
     kv = prefill_kv(model, ids)
     for layer, keys in enumerate(pre):
-        torch.testing.assert_close(remove_rope(kv[layer, 0], cos, sin), keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(apply_rope(keys, cos, sin), kv[layer, 0], atol=1e-5, rtol=1e-5)
+        unroped = remove_rope(kv[layer, 0].numpy(), cos, sin, params.attention_scaling)
+        torch.testing.assert_close(torch.from_numpy(unroped), keys, atol=1e-5, rtol=1e-5)
+        roped = apply_rope(keys.numpy(), cos, sin)
+        torch.testing.assert_close(torch.from_numpy(roped), kv[layer, 0], atol=1e-5, rtol=1e-5)
 
 
-def test_rope_cos_sin_uses_rotate_half_pairing() -> None:
-    cos, sin = rope_cos_sin(torch.tensor([0, 3]), head_dim=8, theta=10000.0)
-    assert cos.shape == sin.shape == (2, 8)
-    torch.testing.assert_close(cos[:, :4], cos[:, 4:])
-    torch.testing.assert_close(cos[0], torch.ones(8))
-    torch.testing.assert_close(sin[1, 0], torch.sin(torch.tensor(3.0)))
+def test_rope_tables_use_rotate_half_pairing() -> None:
+    params = rope_parameters(tiny_llama(rope_theta=10000.0))
+    cos, sin = rope_tables(np.arange(4), params.inv_freq.numpy())
+    assert cos.shape == sin.shape == (4, 8)
+    np.testing.assert_array_equal(cos[:, :4], cos[:, 4:])
+    np.testing.assert_array_equal(cos[0], np.ones(8, np.float32))
+    assert sin[3, 0] == np.float32(np.sin(3.0))
 
 
 def test_text_tokens_pads_with_the_next_text_and_truncates() -> None:
@@ -187,10 +189,10 @@ def test_real_model_rope_inverse_and_fingerprint(smollm2: tuple[Any, Any]) -> No
     ids = torch.tensor([text_tokens(tokenizer, ["GPL-3"], 64)])
     params = rope_parameters(model.config)
     assert (params.head_dim, params.theta, params.rope_type) == (64, 100000.0, "default")
-    cos, sin = params.cos_sin(torch.arange(64))
+    cos, sin = rope_tables(np.arange(64), params.inv_freq.numpy(), params.attention_scaling)
     pre = keys_before_rope(model, ids)
     kv = prefill_kv(model, ids[0], block_tokens=32)
     assert kv.shape == (30, 2, 3, 64, 64)
-    worst = max((remove_rope(kv[i, 0], cos, sin) - pre[i]).abs().max().item() for i in range(30))
+    worst = max(np.abs(remove_rope(kv[i, 0].numpy(), cos, sin) - pre[i].numpy()).max() for i in range(30))
     assert worst < 1e-4, worst
     assert model_fingerprint(model, tokenizer) == model_fingerprint(model, tokenizer)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvwire.client.throttle import (
     BYTES_PER_GBPS,
     NAMED_TRACES,
@@ -20,7 +21,6 @@ from kvwire.client.throttle import (
     parse_throttle,
     throttled,
 )
-
 from kvwire.errors import InvalidInputError
 
 

@@ -21,7 +21,9 @@ def synthetic_kv(layers: int, heads: int, tokens: int, head_dim: int, seed: int 
     return kv.astype(np.float32)
 
 
-def make_profile(layers: int = 2, heads: int = 2, head_dim: int = 8, heads_per_group: int | None = None) -> CalibrationProfile:
+def make_profile(
+    layers: int = 2, heads: int = 2, head_dim: int = 8, heads_per_group: int | None = None
+) -> CalibrationProfile:
     kv = synthetic_kv(layers, heads, 512, head_dim, seed=1).astype(np.float64)
     inv_freq = (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
     cos, sin = rope_tables(np.arange(512), inv_freq)

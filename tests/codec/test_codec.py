@@ -168,7 +168,9 @@ def test_flipped_bits_are_detected(profile: CalibrationProfile, chunk_bytes: byt
             codec.decode_chunk(bytes(data), profile)
 
 
-def test_corruption_behind_a_valid_checksum_never_crashes(profile: CalibrationProfile, chunk_bytes: bytes) -> None:
+def test_corruption_behind_a_valid_checksum_never_crashes(
+    profile: CalibrationProfile, chunk_bytes: bytes
+) -> None:
     """With a forged CRC, a damaged stream gives a typed error or a well-formed tensor, never a crash.
 
     The coder's end-state check catches most damage (tests/codec/test_rans.py); raw bits of large
@@ -237,3 +239,36 @@ def test_profile_bytes_roundtrip_and_reject_garbage(profile: CalibrationProfile)
     for junk in (b"", b"\0" * 100, profile.to_bytes()[:-10]):
         with pytest.raises(InvalidInputError):
             CalibrationProfile.from_bytes(junk)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    heads=st.sampled_from([1, 2, 3, 4]),
+    head_dim=st.sampled_from([2, 4, 6, 16]),
+    grouped=st.booleans(),
+    rope=st.booleans(),
+    tokens=st.integers(1, 40),
+    level=st.sampled_from(codec.LEVELS),
+    seed=st.integers(0, 100),
+)
+def test_roundtrip_any_layout(
+    layers: int, heads: int, head_dim: int, grouped: bool, rope: bool, tokens: int, level: int, seed: int
+) -> None:
+    """Any (layers, heads, head dim, heads per group) and models with or without RoPE round-trip."""
+    from kvwire.kernels.profile import fit_profile
+
+    sample = synthetic_kv(layers, heads, 64, head_dim, seed=seed + 1).astype(np.float64)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32) if rope else None
+    prof = fit_profile(
+        [sample],
+        model_fingerprint="",
+        inv_freq=inv_freq,
+        heads_per_group=heads if grouped else 1,
+        layer_weight=np.full((layers, 2), 0.05),
+        sink_tokens=1,
+    )
+    x = torch.from_numpy(synthetic_kv(layers, heads, tokens, head_dim, seed=seed))
+    y = codec.decode_chunk(codec.encode_chunk(x, prof, level=level, token_start=3).data, prof)
+    assert y.shape == x.shape
+    assert torch.all((y - x).abs() <= error_bound(prof, level, x))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvwire.kernels import rans
-from kvwire.kernels.tables import build_table_bank, choose_tables, table_bank, BANK_FILE
+from kvwire.kernels.tables import BANK_FILE, build_table_bank, choose_tables, table_bank
 
 
 def _roundtrip(values: np.ndarray, lanes: int) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
@@ -18,7 +18,16 @@ def _roundtrip(values: np.ndarray, lanes: int) -> tuple[np.ndarray, int, np.ndar
     words, offsets, states = rans.encode_segments(values, classes, lanes, bank.freq, bank.cum)
     out = np.zeros_like(values)
     status = rans.decode_segments(
-        words, offsets, states, classes, values.shape[2], bank.freq, bank.cum, bank.lut, rans.symbol_extra_bits(), out
+        words,
+        offsets,
+        states,
+        classes,
+        values.shape[2],
+        bank.freq,
+        bank.cum,
+        bank.lut,
+        rans.symbol_extra_bits(),
+        out,
     )
     return out, status, words, offsets, states
 
@@ -34,7 +43,9 @@ def _roundtrip(values: np.ndarray, lanes: int) -> tuple[np.ndarray, int, np.ndar
 )
 def test_roundtrip_is_lossless(segs: int, d: int, tokens: int, lanes: int, scale: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    values = np.clip(np.rint(rng.laplace(0, scale, size=(segs, d, tokens))), -rans.MAX_ABS_VALUE, rans.MAX_ABS_VALUE)
+    values = np.clip(
+        np.rint(rng.laplace(0, scale, size=(segs, d, tokens))), -rans.MAX_ABS_VALUE, rans.MAX_ABS_VALUE
+    )
     values = values.astype(np.int32)
     values[:, rng.random(d) < 0.3] = 0  # dead components
     out, status, *_ = _roundtrip(values, lanes)
@@ -69,7 +80,9 @@ def test_corrupt_words_and_states_are_detected() -> None:
         else:
             s[rng.integers(2), rng.integers(8)] ^= np.uint32(1 << rng.integers(32))
         out = np.zeros_like(values)
-        st_ = rans.decode_segments(w, offsets, s, classes, 64, bank.freq, bank.cum, bank.lut, rans.symbol_extra_bits(), out)
+        st_ = rans.decode_segments(
+            w, offsets, s, classes, 64, bank.freq, bank.cum, bank.lut, rans.symbol_extra_bits(), out
+        )
         detected += st_ != 0
     assert detected >= 38  # a flipped bit survives the end-state check only by rare coincidence
 
@@ -84,8 +97,16 @@ def test_truncated_stream_never_reads_past_its_end() -> None:
     short[-1] -= 5
     out = np.zeros_like(values)
     status = rans.decode_segments(
-        words[: short[-1]], short, states, classes.reshape(1, 8), 32, bank.freq, bank.cum, bank.lut,
-        rans.symbol_extra_bits(), out,
+        words[: short[-1]],
+        short,
+        states,
+        classes.reshape(1, 8),
+        32,
+        bank.freq,
+        bank.cum,
+        bank.lut,
+        rans.symbol_extra_bits(),
+        out,
     )
     assert status == 1
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# mypy over the installed layout: kvwire/ plus kernels/, server/ and client/ as kvwire.kernels,
+# kvwire.server and kvwire.client. mypy cannot follow setuptools' package-dir remapping, so we lay the
+# same tree out with symlinks in a temporary folder and check the package there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+tree=$(mktemp -d)
+trap 'rm -rf "$tree"' EXIT
+mkdir "$tree/kvwire"
+for f in "$root"/kvwire/*; do ln -s "$f" "$tree/kvwire/"; done
+ln -s "$root/kernels" "$tree/kvwire/kernels"
+ln -s "$root/server" "$tree/kvwire/server"
+ln -s "$root/client" "$tree/kvwire/client"
+cd "$tree" && mypy -p kvwire --config-file "$root/pyproject.toml"
