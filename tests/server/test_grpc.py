@@ -286,3 +286,13 @@ def test_stream_adaptive(stub: Any, service: KvwireService) -> None:
     _check_stream(messages, manifest, service)
     assert messages[0].kind == pb.CHUNK_KIND_TEXT
     assert messages[1].estimate_bytes_per_s != messages[0].estimate_bytes_per_s  # measured, not the hint
+
+
+def test_codegen_writes_package_relative_stubs(tmp_path: Any) -> None:
+    from kvwire.server.grpc_codegen import generate
+
+    written = generate(out_dir=tmp_path)
+    assert sorted(p.name for p in written) == ["kvwire_pb2.py", "kvwire_pb2.pyi", "kvwire_pb2_grpc.py"]
+    grpc_module = (tmp_path / "kvwire_pb2_grpc.py").read_text()
+    assert "from . import kvwire_pb2 as kvwire__pb2" in grpc_module
+    assert "\nimport kvwire_pb2" not in grpc_module
