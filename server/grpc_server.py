@@ -49,6 +49,9 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 #: Adaptive streaming before the first measured chunk, when the client gives no bandwidth hint (1 Gbit/s).
 DEFAULT_BANDWIDTH_BYTES_PER_S = 125e6
+#: Smallest message whose send time is fed to the throughput estimator: for smaller ones (text chunks,
+#: tiny KV chunks) the time is per-message overhead, not bandwidth.
+MIN_SAMPLE_BYTES = 256 * 1024
 #: The client device's costs when it gives none: a small model's prefill on one GPU.
 DEFAULT_COSTS = CostModel(recompute_s_per_token=2e-4, decode_s_per_chunk=2e-3)
 #: Trailing metadata key carrying the ``kvwire.errors`` type name of a failed call.
@@ -329,10 +332,13 @@ class KvwireServicer(pb_grpc.KvwireServicer):
                 message.kind = pb.CHUNK_KIND_TEXT
                 message.token_ids.extend(chunk.token_ids)
             # The sync server resumes this generator once the message is handed to the transport,
-            # which HTTP/2 flow control holds back to the client's pace: that is the send time.
+            # which HTTP/2 flow control holds back to the client's pace (once the socket buffers and
+            # the flow-control window are full): that is the send time.
             sent = time.perf_counter()
             yield message
-            controller.record_transfer(message.ByteSize(), max(time.perf_counter() - sent, 1e-6))
+            nbytes = message.ByteSize()
+            if nbytes >= MIN_SAMPLE_BYTES:
+                controller.record_transfer(nbytes, max(time.perf_counter() - sent, 1e-6))
 
 
 # ------------------------------------------------------------------------------------------- server

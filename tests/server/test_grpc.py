@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from collections.abc import Iterator
@@ -27,7 +26,14 @@ from kvwire.errors import (
 )
 from kvwire.server.config import ServiceSettings
 from kvwire.server.grpc_server import CHANNEL_OPTIONS, ERROR_TYPE_KEY, serve_grpc, status_code
-from kvwire.server.service import ContextManifest, KvwireService, LevelEntry, crc32_hex, manifest_key
+from kvwire.server.service import (
+    ChunkEntry,
+    ContextManifest,
+    KvwireService,
+    LevelEntry,
+    crc32_hex,
+    manifest_key,
+)
 
 ALICE = (("authorization", "Bearer alice-key"),)
 BOB = (("authorization", "Bearer bob-key"),)
@@ -215,19 +221,33 @@ def test_corrupt_chunk_is_data_loss(stub: Any, service: KvwireService) -> None:
     assert_status(lambda: stream(stub, context_id="c", fixed_level=0), grpc.StatusCode.DATA_LOSS)
 
 
+def synthetic_context(service: KvwireService, context_id: str, chunks: int, level_bytes: list[int]) -> None:
+    """Store a context of ``chunks`` chunks whose level ``i`` is ``level_bytes[i]`` bytes (no model).
+
+    The fake codec's chunks are a few KB; these stand in for a real model's MB-sized ones.
+    """
+    entries = []
+    for index in range(chunks):
+        levels = []
+        for level, nbytes in enumerate(level_bytes):
+            data = bytes([index, level]) * (nbytes // 2)
+            key = f"test/{context_id}/{index}/{level}"
+            service.store.put(key, data)
+            levels.append(LevelEntry(level, key, len(data), crc32_hex(data)))
+        entries.append(ChunkEntry(index, index * 64, (index + 1) * 64, [1] * 64, "a" * 64, levels))
+    manifest = ContextManifest(
+        context_id, "alice", "f" * 64, "0" * 64, 1, 64, 64 * chunks, list(range(len(level_bytes))), 0, entries
+    )
+    service.store.put(manifest_key("alice", context_id), manifest.to_json())
+
+
 def test_chunks_above_grpc_default_limit(stub: Any, service: KvwireService) -> None:
     """A 6 MiB chunk travels (gRPC's default limit is 4 MiB; kvwire configures 64 MiB)."""
-    create(stub, token_ids=list(range(10)), context_id="big")
-    manifest = service.manifest("alice", "big")
-    data = bytes(range(256)) * (6 * 4096)
-    entry = LevelEntry(0, "test/big-chunk", len(data), crc32_hex(data))
-    chunk = dataclasses.replace(manifest.chunks[0], levels=[entry, *manifest.chunks[0].levels[1:]])
-    service.store.put(entry.key, data)
-    service.store.put(manifest_key("alice", "big"), dataclasses.replace(manifest, chunks=[chunk]).to_json())
+    synthetic_context(service, "big", 1, [6 * 1024 * 1024])
     got = stub.GetChunk(pb.GetChunkRequest(context_id="big", level=0), metadata=ALICE)
-    assert got.data == data
+    assert len(got.data) == 6 * 1024 * 1024 and got.checksum == crc32_hex(got.data)
     (message,) = stream(stub, context_id="big", fixed_level=0)
-    assert message.data == data
+    assert message.data == got.data
 
 
 # ---------------------------------------------------------------------------------------- streaming
@@ -285,7 +305,22 @@ def test_stream_adaptive(stub: Any, service: KvwireService) -> None:
     messages = stream(stub, context_id="a", adaptive=slow)
     _check_stream(messages, manifest, service)
     assert messages[0].kind == pb.CHUNK_KIND_TEXT
-    assert messages[1].estimate_bytes_per_s != messages[0].estimate_bytes_per_s  # measured, not the hint
+
+
+def test_stream_adaptive_follows_a_slow_reader(stub: Any, service: KvwireService) -> None:
+    """The server measures its send throughput: a client reading ~20 MB/s gets smaller levels."""
+    synthetic_context(service, "slow", 6, [8 << 20, 2 << 20, 512 << 10])
+    mode = pb.AdaptiveMode(
+        slo_ms=1500, bandwidth_bytes_per_s=1e9, costs=pb.DeviceCosts(recompute_ms_per_token=100)
+    )
+    messages = []
+    for message in stub.StreamContext(pb.StreamRequest(context_id="slow", adaptive=mode), metadata=ALICE):
+        messages.append(message)
+        time.sleep(0.4)  # a slow link: the server's sends back up through HTTP/2 flow control
+    assert [m.kind for m in messages] == [pb.CHUNK_KIND_KV] * 6
+    assert messages[0].level == 0 and messages[0].estimate_bytes_per_s == 1e9  # the hint
+    assert messages[-1].estimate_bytes_per_s < 1e8  # measured
+    assert max(m.level for m in messages) > 0, [m.reason for m in messages]
 
 
 def test_codegen_writes_package_relative_stubs(tmp_path: Any) -> None:
