@@ -308,19 +308,24 @@ def test_stream_adaptive(stub: Any, service: KvwireService) -> None:
 
 
 def test_stream_adaptive_follows_a_slow_reader(stub: Any, service: KvwireService) -> None:
-    """The server measures its send throughput: a client reading ~20 MB/s gets smaller levels."""
-    synthetic_context(service, "slow", 6, [8 << 20, 2 << 20, 512 << 10])
+    """The server measures its send throughput: a client reading ~25 MB/s gets smaller levels.
+
+    The first few chunks fill the socket buffers and the client's HTTP/2 window and read as fast;
+    after that each send waits for the reader.
+    """
+    synthetic_context(service, "slow", 12, [4 << 20, 1 << 20, 256 << 10])
     mode = pb.AdaptiveMode(
-        slo_ms=1500, bandwidth_bytes_per_s=1e9, costs=pb.DeviceCosts(recompute_ms_per_token=100)
+        slo_ms=1000, bandwidth_bytes_per_s=1e9, costs=pb.DeviceCosts(recompute_ms_per_token=100)
     )
     messages = []
     for message in stub.StreamContext(pb.StreamRequest(context_id="slow", adaptive=mode), metadata=ALICE):
         messages.append(message)
-        time.sleep(0.4)  # a slow link: the server's sends back up through HTTP/2 flow control
-    assert [m.kind for m in messages] == [pb.CHUNK_KIND_KV] * 6
-    assert messages[0].level == 0 and messages[0].estimate_bytes_per_s == 1e9  # the hint
-    assert messages[-1].estimate_bytes_per_s < 1e8  # measured
-    assert max(m.level for m in messages) > 0, [m.reason for m in messages]
+        time.sleep(0.15)  # a slow link: the server's sends back up through HTTP/2 flow control
+    trace = [(m.level, round(m.estimate_bytes_per_s / 1e6)) for m in messages]
+    assert [m.kind for m in messages] == [pb.CHUNK_KIND_KV] * 12
+    assert messages[0].level == 0 and messages[0].estimate_bytes_per_s == 1e9, trace  # the hint
+    assert min(m.estimate_bytes_per_s for m in messages) < 1e8, trace  # measured
+    assert max(m.level for m in messages) > 0, trace
 
 
 def test_codegen_writes_package_relative_stubs(tmp_path: Any) -> None:
