@@ -24,7 +24,15 @@ import grpc
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
 from kvwire._version import __version__
-from kvwire.controller import ChunkOption, ContextOptions, Controller, CostModel, Mode, ThroughputEstimator
+from kvwire.controller import (
+    ChunkOption,
+    ContextOptions,
+    Controller,
+    CostModel,
+    Mode,
+    Policy,
+    ThroughputEstimator,
+)
 from kvwire.errors import (
     AuthError,
     BackendUnavailableError,
@@ -74,7 +82,7 @@ _JOB_STATES = {
     "done": pb.JOB_STATE_DONE,
     "failed": pb.JOB_STATE_FAILED,
 }
-_POLICIES = {
+_POLICIES: dict[int, Policy] = {
     pb.POLICY_UNSPECIFIED: "lookahead",
     pb.POLICY_LOOKAHEAD: "lookahead",
     pb.POLICY_CACHEGEN: "cachegen",
@@ -209,7 +217,8 @@ def context_options(manifest: ContextManifest) -> ContextOptions:
 def stream_controller(request: pb.StreamRequest, manifest: ContextManifest) -> Controller:
     """The controller of one ``StreamContext`` call: the request's mode, costs and bandwidth hint."""
     which = request.WhichOneof("mode")
-    costs, policy, prior = DEFAULT_COSTS, "lookahead", DEFAULT_BANDWIDTH_BYTES_PER_S
+    costs, prior = DEFAULT_COSTS, DEFAULT_BANDWIDTH_BYTES_PER_S
+    policy: Policy = "lookahead"
     if which == "fixed_level":
         mode = Mode.fixed_level(request.fixed_level)
     elif which == "text":
@@ -222,12 +231,14 @@ def stream_controller(request: pb.StreamRequest, manifest: ContextManifest) -> C
                 recompute_s_per_token=a.costs.recompute_ms_per_token / 1e3,
                 decode_s_per_chunk=a.costs.decode_ms_per_chunk / 1e3,
             )
-        policy = _POLICIES.get(a.policy, "")
+        if a.policy not in _POLICIES:
+            raise InvalidInputError(f"unknown policy {a.policy}")
+        policy = _POLICIES[a.policy]
         prior = a.bandwidth_bytes_per_s or prior
     else:
         mode = Mode.fixed_level(manifest.default_level)
     estimator = ThroughputEstimator(prior_bytes_per_s=prior)
-    return Controller(context_options(manifest), mode, costs, policy=policy, estimator=estimator)  # type: ignore[arg-type]
+    return Controller(context_options(manifest), mode, costs, policy=policy, estimator=estimator)
 
 
 # ----------------------------------------------------------------------------------------- servicer

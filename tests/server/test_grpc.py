@@ -146,6 +146,10 @@ def test_invalid_input(stub: Any) -> None:
     assert_status(lambda: stream(stub, context_id="c", fixed_level=9), bad)
     slo = pb.AdaptiveMode(slo_ms=0)
     assert_status(lambda: stream(stub, context_id="c", adaptive=slo), bad)
+    policy = pb.AdaptiveMode(slo_ms=100, policy=7)  # type: ignore[arg-type]
+    assert_status(lambda: stream(stub, context_id="c", adaptive=policy), bad)
+    negative = pb.AdaptiveMode(slo_ms=100, bandwidth_bytes_per_s=-1)
+    assert_status(lambda: stream(stub, context_id="c", adaptive=negative), bad)
 
 
 def test_limits(stub: Any, settings: ServiceSettings) -> None:
@@ -336,3 +340,31 @@ def test_codegen_writes_package_relative_stubs(tmp_path: Any) -> None:
     grpc_module = (tmp_path / "kvwire_pb2_grpc.py").read_text()
     assert "from . import kvwire_pb2 as kvwire__pb2" in grpc_module
     assert "\nimport kvwire_pb2" not in grpc_module
+
+
+def test_kvwire_serve_runs_grpc_beside_rest(
+    service: KvwireService, settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rest.serve`` with ``grpc_port`` starts the gRPC API on the same service and stops it after."""
+    import uvicorn
+
+    import kvwire.server.service
+    from kvwire.server.rest import serve
+
+    from ..storage.conftest import free_port
+
+    port = free_port()
+    answers = []
+
+    def fake_uvicorn_run(app: Any, **kwargs: Any) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers.append(pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(ready=True), timeout=10))
+
+    monkeypatch.setattr(kvwire.server.service, "build_service", lambda s: service)
+    monkeypatch.setattr(service, "close", lambda: None)
+    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    serve(settings.model_copy(update={"grpc_port": port}))
+    assert [a.status for a in answers] == ["ready"]
+    # Stopped with the REST server.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=1)
