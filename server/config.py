@@ -95,6 +95,10 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     inline_max_tokens: int = Field(default=1024, ge=0)  # contexts up to this many tokens ingest inline
     max_pending_jobs: int = Field(default=1000, gt=0)
+    # Parsed manifests kept per process (0 = none); another process's delete or re-ingest of a
+    # context is seen here after at most manifest_cache_ttl_s.
+    manifest_cache_size: int = Field(default=1024, ge=0)
+    manifest_cache_ttl_s: float = Field(default=5.0, ge=0)
 
     jobs_redis_url: str | None = None  # None = in-process queue and worker thread
     jobs_namespace: str = "kvwire"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -35,7 +34,7 @@ from kvwire.errors import (
 )
 from kvwire.server.config import ServiceSettings, hash_api_key
 from kvwire.server.jobs import Job
-from kvwire.server.service import ContextManifest, KvwireService
+from kvwire.server.service import ContextManifest, KvwireService, LevelEntry
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +169,39 @@ class _JobCollector:
         return [family]
 
 
+class RequestMetrics:
+    """Count and time every HTTP request by method, route template and status.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` re-streams
+    every response body through an extra task and queue, which cost more than serving a chunk.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, path, str(status)).inc()
+            self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)
+
+
 # -------------------------------------------------------------------------------------------- models
 
 
@@ -271,19 +303,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.requests.labels(request.method, path, str(status)).inc()
-            metrics.latency.labels(request.method, path).observe(time.perf_counter() - start)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     # -- endpoints
 
@@ -314,8 +334,10 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
         "/v1/contexts/{context_id}", response_model=ContextManifest, responses=_ERRORS, summary="Manifest"
     )
     async def get_context(context_id: str, tenant: Tenant) -> Any:
-        manifest = await run_in_threadpool(service.manifest, tenant, context_id)
-        return JSONResponse(manifest.to_dict())
+        # The stored JSON as is: it is what JSONResponse(manifest.to_dict()) would render, without
+        # rebuilding and re-encoding every chunk entry on each request.
+        data = await run_in_threadpool(service.manifest_json, tenant, context_id)
+        return Response(data, media_type="application/json")
 
     @app.get(
         "/v1/contexts/{context_id}/chunks/{index}",
@@ -334,11 +356,18 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
         tenant: Tenant,
         level: Annotated[int | None, Query(ge=0, description="quality level (default: manifest's)")] = None,
     ) -> Response:
-        entry = await run_in_threadpool(service.chunk_entry, tenant, context_id, index, level)
+        if_none_match = request.headers.get("if-none-match")
+
+        def read() -> tuple[LevelEntry, bytes | None]:  # one thread hop for the entry and the bytes
+            entry = service.chunk_entry(tenant, context_id, index, level)
+            if _etag_matches(if_none_match, entry.checksum):
+                return entry, None
+            return entry, service.store.get(entry.key)
+
+        entry, data = await run_in_threadpool(read)
         etag = f'"{entry.checksum}"'
-        if _etag_matches(request.headers.get("if-none-match"), entry.checksum):
+        if data is None:
             return Response(status_code=304, headers={"ETag": etag})
-        data = await run_in_threadpool(service.store.get, entry.key)
         metrics.bytes_served.inc(len(data))
         headers = {
             "ETag": etag,

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -399,6 +400,70 @@ class Worker:
 # ------------------------------------------------------------------------------------------ service
 
 
+@dataclass(frozen=True)
+class _CachedManifest:
+    manifest: ContextManifest
+    data: bytes  # the stored JSON, served as is by GET /v1/contexts/{id}
+    expires_at: float
+
+
+class ManifestCache:
+    """A small LRU of parsed manifests keyed by (tenant, context_id), each kept ``ttl_s`` seconds.
+
+    Every chunk request needs its context's manifest; re-reading and re-parsing the whole JSON
+    (~1 ms per 10 chunks) cost more than serving the chunk itself (see docs/serving-benchmark.md).
+    This process drops an entry when it deletes or publishes that context; the TTL bounds how long
+    another process's delete or re-ingest stays unseen here. Thread-safe; the manifests it hands out
+    are shared, so callers must not mutate them.
+    """
+
+    def __init__(self, size: int, ttl_s: float):
+        self.size = size
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[tuple[str, str], _CachedManifest] = OrderedDict()
+        self._lock = threading.Lock()
+        self._invalidations = 0
+
+    def token(self) -> int:
+        """Take before reading a manifest from the store; :meth:`put` drops the read if any
+        invalidation happened since, so a read that raced a delete or publish is never cached."""
+        return self._invalidations
+
+    def get(self, tenant: str, context_id: str) -> _CachedManifest | None:
+        with self._lock:
+            entry = self._entries.get((tenant, context_id))
+            if entry is None:
+                return None
+            if entry.expires_at <= time.monotonic():
+                del self._entries[tenant, context_id]
+                return None
+            self._entries.move_to_end((tenant, context_id))
+            return entry
+
+    def put(
+        self, tenant: str, context_id: str, manifest: ContextManifest, data: bytes, token: int
+    ) -> _CachedManifest:
+        entry = _CachedManifest(manifest, data, time.monotonic() + self.ttl_s)
+        if self.size <= 0 or self.ttl_s <= 0:
+            return entry
+        with self._lock:
+            if token != self._invalidations:
+                return entry
+            self._entries[tenant, context_id] = entry
+            self._entries.move_to_end((tenant, context_id))
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return entry
+
+    def invalidate(self, tenant: str, context_id: str) -> None:
+        with self._lock:
+            self._invalidations += 1
+            self._entries.pop((tenant, context_id), None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class KvwireService:
     """The operations every API exposes, per tenant. ``worker`` is set when this process can ingest.
 
@@ -415,6 +480,7 @@ class KvwireService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker_lock = threading.Lock()  # inline ingests and the worker thread share one model
+        self.manifests = ManifestCache(settings.manifest_cache_size, settings.manifest_cache_ttl_s)
 
     # -- ingest
 
@@ -446,8 +512,11 @@ class KvwireService:
         """Run one ingest on this process's worker (the job handler of the embedded queue)."""
         if self.worker is None:
             raise InvalidInputError("this process has no worker")
-        with self._worker_lock:
-            return self.worker.ingest(request, progress)
+        try:
+            with self._worker_lock:
+                return self.worker.ingest(request, progress)
+        finally:
+            self.manifests.invalidate(request.tenant, request.context_id)
 
     def job(self, tenant: str, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -458,12 +527,23 @@ class KvwireService:
     # -- reads
 
     def manifest(self, tenant: str, context_id: str) -> ContextManifest:
+        return self._manifest(tenant, context_id).manifest
+
+    def manifest_json(self, tenant: str, context_id: str) -> bytes:
+        """The manifest as stored (JSON, checked to parse as a :class:`ContextManifest`)."""
+        return self._manifest(tenant, context_id).data
+
+    def _manifest(self, tenant: str, context_id: str) -> _CachedManifest:
+        cached = self.manifests.get(tenant, context_id)
+        if cached is not None:
+            return cached
         validate_context_id(context_id)
+        token = self.manifests.token()
         try:
             data = self.store.get(manifest_key(tenant, context_id))
         except NotFoundError:
             raise NotFoundError(f"no context {context_id!r}") from None
-        return ContextManifest.from_json(data)
+        return self.manifests.put(tenant, context_id, ContextManifest.from_json(data), data, token)
 
     def chunk_entry(self, tenant: str, context_id: str, index: int, level: int | None = None) -> LevelEntry:
         """Where chunk ``index`` at ``level`` (default: the manifest's) is, without reading it."""
@@ -489,7 +569,11 @@ class KvwireService:
     def delete(self, tenant: str, context_id: str) -> None:
         """Delete a context's manifest. Its chunks stay: they are content-addressed and may be shared."""
         validate_context_id(context_id)
-        if not self.store.delete(manifest_key(tenant, context_id)):
+        try:
+            existed = self.store.delete(manifest_key(tenant, context_id))
+        finally:
+            self.manifests.invalidate(tenant, context_id)
+        if not existed:
             raise NotFoundError(f"no context {context_id!r}")
 
     def health(self) -> None:

@@ -142,8 +142,13 @@ def test_unknown_ids_are_404(client: TestClient) -> None:
     ]:
         assert_error(client.get(path, headers=ALICE), 404, "NotFoundError")
     assert_error(client.get("/v1/contexts/c/chunks/0", params={"level": 9}, headers=ALICE), 404)
+    assert client.get("/v1/contexts/c/chunks/0", headers=ALICE).status_code == 200  # manifest now cached
     assert client.delete("/v1/contexts/c", headers=ALICE).status_code == 204
     assert_error(client.get("/v1/contexts/c", headers=ALICE), 404)
+    assert_error(client.get("/v1/contexts/c/chunks/0", headers=ALICE), 404)
+    again = ingest(client, ALICE, token_ids=list(range(100)), context_id="c")  # re-ingested, replaced
+    assert client.get("/v1/contexts/c", headers=ALICE).json() == again
+    assert client.get("/v1/contexts/c/chunks/1", headers=ALICE).status_code == 200
 
 
 def test_bad_input_is_400(client: TestClient) -> None:

@@ -22,6 +22,7 @@ from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job
 from kvwire.server.service import (
     ContextManifest,
     KvwireService,
+    ManifestCache,
     Worker,
     chunk_key,
     chunk_prefix_digests,
@@ -279,6 +280,68 @@ def test_delete_keeps_shared_chunks(service: KvwireService) -> None:
     assert isinstance(a, ContextManifest)
     data, _ = service.chunk("alice", "b", 0)
     assert len(data) == a.chunks[0].level(a.default_level).nbytes
+
+
+class CountingStore(LocalStore):
+    """A local store that counts reads."""
+
+    gets = 0
+
+    def get(self, key: str) -> bytes:
+        self.gets += 1
+        return super().get(key)
+
+
+def test_manifest_cache_reads_once_and_drops_on_delete_and_reingest(
+    model: Any, codec: FakeCodec, tmp_path: Any, settings: ServiceSettings
+) -> None:
+    store = CountingStore(tmp_path / "counting")
+    service = KvwireService(store, InProcessJobQueue(), settings, make_worker(model, store, codec, settings))
+    first = service.ingest("alice", token_ids=ids(100), context_id="c")
+    assert isinstance(first, ContextManifest)
+    store.gets = 0
+    for index in (0, 1, 0):
+        service.chunk_entry("alice", "c", index)
+    assert service.manifest("alice", "c") == first
+    assert service.manifest_json("alice", "c") == first.to_json()
+    assert store.gets == 1  # one read and parse of the manifest for all of them
+
+    second = service.ingest("alice", token_ids=ids(150, seed=1), context_id="c")  # re-ingest: replaced
+    assert isinstance(second, ContextManifest) and service.manifest("alice", "c") == second
+
+    service.delete("alice", "c")
+    with pytest.raises(NotFoundError):
+        service.chunk_entry("alice", "c", 0)
+    with pytest.raises(NotFoundError):
+        service.manifest_json("alice", "c")
+
+
+def test_manifest_cache_sees_other_writers_after_its_ttl(
+    store: Store, settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
+    manifest = ContextManifest("c", "alice", "f" * 64, "0" * 64, 1, 64, 0, [0], 0, [])
+    store.put(manifest_key("alice", "c"), manifest.to_json())
+    assert service.manifest("alice", "c") == manifest
+    store.delete(manifest_key("alice", "c"))  # another process deletes it
+    assert service.manifest("alice", "c") == manifest  # still cached here...
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + settings.manifest_cache_ttl_s + 1)
+    with pytest.raises(NotFoundError):  # ...until the TTL runs out
+        service.manifest("alice", "c")
+
+
+def test_manifest_cache_is_bounded_and_skips_raced_reads() -> None:
+    manifest = ContextManifest("c", "t", "f" * 64, "0" * 64, 1, 64, 0, [0], 0, [])
+    cache = ManifestCache(size=2, ttl_s=60)
+    for name in ("a", "b", "c"):
+        cache.put("t", name, manifest, b"{}", cache.token())
+    assert len(cache) == 2 and cache.get("t", "a") is None and cache.get("t", "c") is not None
+    token = cache.token()  # a reader starts reading "d" from the store...
+    cache.invalidate("t", "d")  # ...while this process deletes or publishes it
+    cache.put("t", "d", manifest, b"{}", token)
+    assert cache.get("t", "d") is None  # the raced read is not cached
+    assert len(ManifestCache(size=0, ttl_s=60)) == 0
 
 
 def test_queue_limit_is_rate_limit() -> None:
