@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kvwire._proto import CHANNEL_OPTIONS
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
 from kvwire._version import __version__
@@ -48,13 +49,6 @@ from kvwire.server.service import ChunkEntry, ContextManifest, KvwireService, Le
 
 log = logging.getLogger(__name__)
 
-#: Largest message either side sends or accepts (a chunk bitstream travels in one message).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-#: Channel options a client needs to receive chunks as large as the server sends.
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
 #: Adaptive streaming before the first measured chunk, when the client gives no bandwidth hint (1 Gbit/s).
 DEFAULT_BANDWIDTH_BYTES_PER_S = 125e6
 #: Smallest message whose send time is fed to the throughput estimator: for smaller ones (text chunks,

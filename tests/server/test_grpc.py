@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from kvwire._proto import CHANNEL_OPTIONS
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
 from kvwire.errors import (
@@ -25,7 +26,7 @@ from kvwire.errors import (
     UnsupportedVersionError,
 )
 from kvwire.server.config import ServiceSettings
-from kvwire.server.grpc_server import CHANNEL_OPTIONS, ERROR_TYPE_KEY, serve_grpc, status_code
+from kvwire.server.grpc_server import ERROR_TYPE_KEY, serve_grpc, status_code
 from kvwire.server.service import (
     ChunkEntry,
     ContextManifest,
