@@ -30,6 +30,8 @@ def generate(proto_dir: Path = PROTO_DIR, out_dir: Path = OUT_DIR) -> list[Path]
 
     from grpc_tools import protoc
 
+    if not (proto_dir / PROTOS[0]).is_file():
+        raise FileNotFoundError(f"{proto_dir / PROTOS[0]} not found: generate from a source checkout")
     well_known = str(files("grpc_tools") / "_proto")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
