@@ -157,6 +157,23 @@ def rest_server(store: Any, http: str = "auto") -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def grpc_server(store: Any) -> Iterator[str]:
+    """The gRPC API over ``store`` (``kvwire.server.grpc_server``) on a free port; yields its address."""
+    from kvwire.server.config import ServiceSettings
+    from kvwire.server.grpc_server import serve_grpc
+    from kvwire.server.jobs import InProcessJobQueue
+    from kvwire.server.service import KvwireService
+
+    settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
+    service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
+    server = serve_grpc(service, settings, 0)
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace_s=None)
+
+
 # ------------------------------------------------------------------------------------ seeding
 
 
@@ -229,6 +246,8 @@ def drive(kind: str, target: str, keys: list[str], nbytes: int, threads: int, se
                     base_url=target, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
                 )
                 fetch = lambda key: client.get(key).content  # noqa: E731
+            elif kind in ("gRPC", "gRPC-stream"):
+                client, fetch = grpc_fetch(kind, target)
             else:
                 client = redis.Redis.from_url(target)
                 fetch = client.get
@@ -262,6 +281,44 @@ def drive(kind: str, target: str, keys: list[str], nbytes: int, threads: int, se
     if errors:
         raise errors[0]
     return sum(counts)
+
+
+def grpc_fetch(kind: str, target: str) -> tuple[Any, Any]:
+    """A channel and ``fetch(key) -> bytes`` for keys ``<context_id>/<index>``: ``GetChunk`` per key,
+    or (``gRPC-stream``) the next message of a ``StreamContext`` at ``LEVEL``, reopened at its end."""
+    import grpc
+
+    from kvwire._proto import CHANNEL_OPTIONS
+    from kvwire._proto import kvwire_pb2 as pb
+    from kvwire._proto import kvwire_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    stub = pb_grpc.KvwireStub(channel)
+    auth = (("authorization", f"Bearer {API_KEY}"),)
+    if kind == "gRPC":
+
+        def get_chunk(key: str) -> bytes:
+            context_id, index = key.rsplit("/", 1)
+            request = pb.GetChunkRequest(context_id=context_id, index=int(index), level=LEVEL)
+            data: bytes = stub.GetChunk(request, metadata=auth).data
+            return data
+
+        return channel, get_chunk
+    stream: list[Any] = []
+
+    def next_message(key: str) -> bytes:
+        context_id = key.rsplit("/", 1)[0]
+        while True:
+            if not stream:
+                request = pb.StreamRequest(context_id=context_id, fixed_level=LEVEL)
+                stream.append(stub.StreamContext(request, metadata=auth))
+            message = next(stream[0], None)
+            if message is not None:
+                data: bytes = message.data
+                return data
+            stream.clear()
+
+    return channel, next_message
 
 
 # --------------------------------------------------------------------------------------- main
@@ -388,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                         paths = [f"{url}/v1/contexts/bench-{size}/chunks/{i}" for i in range(manifest_chunks)]
                         for n in concurrency:
                             cells.append(measure(name, "REST", url, paths, size, n))
+                if grpc_available():
+                    with grpc_server(store) as address:
+                        for size in sizes:
+                            keys = [f"bench-{size}/{i}" for i in range(manifest_chunks)]
+                            for transport in ("gRPC", "gRPC-stream"):
+                                for n in concurrency:
+                                    cells.append(measure(name, transport, address, keys, size, n))
         todo = [] if grpc_available() else [f"{b} (GetChunk, StreamContext)" for b in backends]
     load_after = load_average()
     notes = [
@@ -402,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         "thread, API key auth, no access log); redis-server and moto S3 (in-process) on loopback.",
         "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, the raw GETs (same size and "
         "concurrency) run just before each service cell, since the machine's load drifts.",
+        "- gRPC: `GetChunk` per chunk (sync grpcio server, in-process thread pool, API key auth); "
+        "gRPC-stream: chunks received per second from `StreamContext` at a fixed level, each client "
+        "thread one stream at a time, reopened when it ends.",
     ]
     if todo:
         notes.append(

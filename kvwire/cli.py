@@ -29,14 +29,15 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("host", "port", "model", "device", "jobs_redis_url")
+        for name in ("host", "port", "grpc_port", "model", "device", "jobs_redis_url")
         if getattr(args, name, None) is not None
     }
     return ServiceSettings(**overrides)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Run the REST API (embedded defaults: local store, in-process queue and worker, bundled model)."""
+    """Run the REST API, and the gRPC API with --grpc-port (embedded defaults: local store, in-process
+    queue and worker, bundled model)."""
     from kvwire.server.rest import serve
 
     serve(_service_settings(args))
@@ -69,6 +70,12 @@ def _add_service_options(parser: argparse.ArgumentParser, *, http: bool) -> None
     if http:
         parser.add_argument("--host", help="bind address (KVWIRE_HOST, default 127.0.0.1)")
         parser.add_argument("--port", type=int, help="port (KVWIRE_PORT, default 8080)")
+        parser.add_argument(
+            "--grpc-port",
+            dest="grpc_port",
+            type=int,
+            help="also serve the gRPC API on this port (KVWIRE_GRPC_PORT)",
+        )
     parser.add_argument("--model", help="model directory or .gguf (KVWIRE_MODEL; default: bundled SmolLM2)")
     parser.add_argument("--device", help="torch device (KVWIRE_DEVICE; default cuda if available, else cpu)")
     parser.add_argument(
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=2048, help="context length in tokens")
     demo.add_argument("--continuation", type=int, default=64, help="continuation tokens scored for KL")
     demo.add_argument("--model", help="model directory or .gguf (default: bundled SmolLM2)")
-    serve = _add(subparsers, "serve", _cmd_serve, help="run the REST API server")
+    serve = _add(subparsers, "serve", _cmd_serve, help="run the REST (and gRPC) API server")
     _add_service_options(serve, http=True)
     worker = _add(subparsers, "worker", _cmd_worker, help="run a standalone ingest worker (Redis job queue)")
     _add_service_options(worker, http=False)

@@ -83,6 +83,8 @@ class ServiceSettings(BaseSettings):
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     default_tenant: str = "default"
     allow_anonymous: bool = False  # serve without API keys on a non-loopback address
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)  # None: `kvwire serve` runs no gRPC API
+    grpc_max_workers: int = Field(default=16, gt=0)  # concurrent gRPC calls (threads)
 
     model: str | None = None  # model directory or .gguf; None = the bundled SmolLM2-135M-Instruct
     device: str | None = None  # None = cuda if available, else cpu

@@ -430,7 +430,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(settings: ServiceSettings | None = None) -> None:
-    """Build the service from ``settings`` and run the REST API with uvicorn until interrupted."""
+    """Build the service from ``settings`` and run the REST API with uvicorn until interrupted.
+
+    With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it.
+    """
     import uvicorn
 
     from kvwire.server.service import build_service
@@ -442,7 +445,14 @@ def serve(settings: ServiceSettings | None = None) -> None:
             "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
         )
     service = build_service(settings)
+    grpc_server = None
     try:
+        if settings.grpc_port is not None:  # the gRPC API shares the process, service and worker
+            from kvwire.server.grpc_server import serve_grpc
+
+            grpc_server = serve_grpc(service, settings, settings.grpc_port)
         uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")
     finally:
+        if grpc_server is not None:
+            grpc_server.stop()
         service.close()
