@@ -9,4 +9,5 @@ export HF_HUB_OFFLINE=1
 ruff check .
 ruff format --check .
 bash scripts/typecheck.sh
+bash scripts/check_deploy.sh
 python -m pytest -q "$@"
