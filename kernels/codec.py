@@ -280,11 +280,13 @@ def decode_chunk(
     given and different from the chunk's). ``backend`` "gpu" runs the Triton kernels (kvwire.kernels.gpu,
     bit-identical output); "auto" does so when ``device`` is CUDA and Triton is installed.
     """
-    h, sec = validate_chunk(data, profile, model_fingerprint)
     if _use_gpu(backend, device):
         from kvwire.kernels import gpu
 
-        return gpu.decode_parsed_gpu([(h, sec)], profile, device=device, dtype=dtype)[0]
+        return gpu.decode_chunks_gpu(
+            [data], profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype
+        )[0]
+    h, sec = validate_chunk(data, profile, model_fingerprint)
     q = reconstruct_coefficients(h, sec)
     out = reconstruct(h, sec, q, profile)
     result = torch.from_numpy(out)
@@ -295,13 +297,17 @@ def decode_chunk(
 
 
 def validate_chunk(
-    data: bytes | memoryview, profile: CalibrationProfile, model_fingerprint: str | None = None
+    data: bytes | memoryview,
+    profile: CalibrationProfile,
+    model_fingerprint: str | None = None,
+    verify_crc: bool = True,
 ) -> tuple[fmt.ChunkHeader, fmt.ChunkSections]:
     """Parse a chunk and check it against the profile and model; every check that precedes decoding.
 
-    Both device paths call this before any array is built or kernel launched.
+    Both device paths call this before any array is built or kernel launched (the GPU path with
+    ``verify_crc=False``, checking the checksums of a batch in threads before its upload).
     """
-    h, sec = fmt.parse_chunk(data)
+    h, sec = fmt.parse_chunk(data, verify_crc=verify_crc)
     check_profile_matches(profile, h.profile_digest)
     if model_fingerprint is not None and h.model_fingerprint != fingerprint_bytes(model_fingerprint):
         want = fingerprint_bytes(model_fingerprint).hex()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,19 @@ MAX_HEAD_DIM = 1024
 MAX_TOKENS = 1 << 16
 MAX_LANES = 1024
 MAX_ELEMENTS = 1 << 31  # per chunk: bounds every allocation a header can ask for
+
+
+def _pick_crc32() -> Callable[..., int]:
+    """zlib's CRC-32 from ISA-L when installed (same function, several times faster), else zlib's."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.crc32
+    return isal_zlib.crc32
+
+
+crc32: Callable[..., int] = _pick_crc32()
+"""``crc32(data, value=0)``: zlib's CRC-32 (ISA-L's implementation when the ``isal`` package is there)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +131,7 @@ def pack_chunk(h: ChunkHeader, sections: ChunkSections) -> bytes:
         parts.append(raw + b"\0" * (size - len(raw)))
     payload = b"".join(parts)
     head = _pack_header(h, len(payload), 0)
-    crc = zlib.crc32(payload, zlib.crc32(head))
+    crc = crc32(payload, crc32(head))
     return _pack_header(h, len(payload), crc) + payload
 
 
@@ -219,8 +233,29 @@ def read_header(data: bytes | memoryview) -> ChunkHeader:
     return h
 
 
-def parse_chunk(data: bytes | memoryview) -> tuple[ChunkHeader, ChunkSections]:
-    """Validate length, checksum and section bounds; return the header and section views."""
+def chunk_crc(data: bytes | memoryview) -> tuple[int, int]:
+    """(stored, computed) CRC-32 of a chunk whose length was already checked."""
+    buf = memoryview(data)
+    stored_crc = struct.unpack_from("<I", buf, HEADER_SIZE - 4)[0]
+    head = bytes(buf[: HEADER_SIZE - 4]) + b"\0\0\0\0"
+    return stored_crc, crc32(buf[HEADER_SIZE:], crc32(head))
+
+
+def section_offsets(h: ChunkHeader) -> dict[str, int]:
+    """Byte offset of each section from the start of the chunk."""
+    out, pos = {}, HEADER_SIZE
+    for name, size in section_sizes(h):
+        out[name] = pos
+        pos += size
+    return out
+
+
+def parse_chunk(data: bytes | memoryview, verify_crc: bool = True) -> tuple[ChunkHeader, ChunkSections]:
+    """Validate length, checksum and section bounds; return the header and section views.
+
+    ``verify_crc=False`` leaves the checksum to the caller (the GPU path checks it on many chunks at
+    once in threads, see ``kvwire.kernels.gpu``); every bound is checked either way.
+    """
     h = read_header(data)
     sizes = section_sizes(h)
     expect = sum(size for _, size in sizes)
@@ -232,10 +267,10 @@ def parse_chunk(data: bytes | memoryview) -> tuple[ChunkHeader, ChunkSections]:
         what = "truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
         raise CorruptChunkError(f"chunk is {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
     buf = memoryview(data)
-    stored_crc = struct.unpack_from("<I", buf, HEADER_SIZE - 4)[0]
-    head = bytes(buf[: HEADER_SIZE - 4]) + b"\0\0\0\0"
-    if zlib.crc32(buf[HEADER_SIZE:], zlib.crc32(head)) != stored_crc:
-        raise CorruptChunkError("chunk checksum mismatch: the bytes were corrupted")
+    if verify_crc:
+        stored, computed = chunk_crc(buf)
+        if stored != computed:
+            raise CorruptChunkError("chunk checksum mismatch: the bytes were corrupted")
     pos = HEADER_SIZE
     views: dict[str, np.ndarray] = {}
     dtypes = {

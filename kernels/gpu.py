@@ -18,9 +18,12 @@ tests check them).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import itertools
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +83,8 @@ class _DeviceProfile:
     basis_exp: np.ndarray  # int64 [S]
     mean: torch.Tensor  # float32 [S, d]
     forward: torch.Tensor  # float32 [S, d, d]: encoder transform
+    b0: torch.Tensor  # int8 [S, d, d]: basis & 127 (the reconstruction kernel's low digit)
+    b1: torch.Tensor  # int8 [S, d, d]: basis >> 7 (high digit, -128..127 as |basis| < 2**14)
 
 
 _PROFILE_CACHE: dict[tuple[str, str], _DeviceProfile] = {}
@@ -91,41 +96,121 @@ def _device_profile(profile: CalibrationProfile, device: torch.device) -> _Devic
     dp = _PROFILE_CACHE.get(key)
     if dp is None:
         S, d = profile.layers * 2 * profile.groups, profile.group_dim
+        basis = np.ascontiguousarray(profile.basis.reshape(S, d, d)).astype(np.int16)
         dp = _DeviceProfile(
             basis=torch.from_numpy(profile.basis.reshape(S, d, d).astype(np.float64)).to(device),
             basis_exp=profile.basis_exp.reshape(S).astype(np.int64),
             mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
             forward=torch.from_numpy(codec.profile_forward(profile).reshape(S, d, d)).to(device),
+            b0=torch.from_numpy((basis & 127).astype(np.int8)).to(device),
+            b1=torch.from_numpy((basis >> 7).astype(np.int8)).to(device),
         )
         _PROFILE_CACHE[key] = dp
     return dp
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_PIECE = 4 << 20  # bytes a thread checksums and copies at a time (when pieces can be combined)
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that checksum and stage chunk bytes (zlib and ISA-L release the GIL)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="kvwire-crc"
+            )
+        return _POOL
+
+
+@functools.cache
+def _crc32_combine() -> Callable[[int, int, int], int] | None:
+    """ISA-L's ``crc32_combine`` (lets threads checksum one chunk in pieces), or None."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return None
+    return getattr(isal_zlib, "crc32_combine", None)
 
 
 _STAGING: dict[str, torch.Tensor] = {}
 _STAGING_LOCK = threading.Lock()  # one staging buffer per device, shared by every decoding thread
 
 
-def _upload_words(parts: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """Concatenate the chunks' uint16 words on the device as int16 (the kernel reads them unsigned).
+def _staging(device: torch.device, nbytes: int) -> torch.Tensor:
+    stage = _STAGING.get(str(device))
+    if stage is None or stage.numel() < nbytes:
+        stage = torch.empty(max(nbytes, 1 << 24), dtype=torch.uint8, pin_memory=True)
+        _STAGING[str(device)] = stage
+    return stage
 
-    For CUDA the words go through one reused pinned staging buffer: a single host copy, then one
-    transfer at full PCIe speed (pageable memory moves at a fraction of it).
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """A batch of validated chunks whose bytes sit, back to back, in one buffer on the device."""
+
+    parsed: list[tuple[fmt.ChunkHeader, fmt.ChunkSections]]  # host views of each chunk's sections
+    base: list[int]  # byte offset of each chunk in ``buf`` (multiples of 4: chunk sizes are)
+    buf: torch.Tensor  # uint8 on the device
+
+
+def stage_chunks(
+    chunks: Sequence[bytes | memoryview],
+    profile: CalibrationProfile,
+    device: torch.device,
+    model_fingerprint: str | None = None,
+) -> StagedBatch:
+    """Validate every chunk (header, sizes, profile, checksum) and upload all their bytes at once.
+
+    Headers and section bounds are checked on the calling thread; the CRC-32s run in a thread pool, each
+    thread also copying its bytes into one pinned buffer, which then moves to the device in one
+    transfer. Nothing reaches the device unless every chunk passed.
     """
-    total = sum(p.size for p in parts) + 1  # never empty
-    if device.type != "cuda":
-        return torch.from_numpy(np.concatenate([*[p.view(np.int16) for p in parts], np.zeros(1, np.int16)]))
+    parsed = [codec.validate_chunk(c, profile, model_fingerprint, verify_crc=False) for c in chunks]
+    views = [memoryview(c).cast("B") for c in chunks]
+    base = np.cumsum([0] + [len(v) for v in views]).tolist()
+    total = base[-1]
     with _STAGING_LOCK:
-        stage = _STAGING.get(str(device))
-        if stage is None or stage.numel() < total:
-            stage = torch.empty(max(total, 1 << 20), dtype=torch.int16, pin_memory=True)
-            _STAGING[str(device)] = stage
-        host = stage.numpy()
-        pos = 0
-        for p in parts:
-            host[pos : pos + p.size] = p.view(np.int16)
-            pos += p.size
-        host[pos] = 0
-        return stage[:total].to(device)  # synchronous: the buffer is free again when the lock is released
+        cuda = device.type == "cuda"
+        host = _staging(device, total).numpy() if cuda else np.empty(total, dtype=np.uint8)
+        crcs = _checksum_and_copy(views, base, host)
+        for i, (stored, computed) in enumerate(crcs):
+            if stored != computed:
+                raise CorruptChunkError(f"chunk {i} checksum mismatch: the bytes were corrupted")
+        # (synchronous: the staging buffer is free again when the lock is released)
+        buf = torch.from_numpy(host[:total]).to(device) if cuda else torch.from_numpy(host)
+    return StagedBatch(parsed=parsed, base=base[:-1], buf=buf)
+
+
+def _checksum_and_copy(views: list[memoryview], base: list[int], host: np.ndarray) -> list[tuple[int, int]]:
+    """Each chunk's (stored, computed) CRC-32, computed in threads while copying the bytes to ``host``."""
+    combine = _crc32_combine()
+
+    def piece(i: int, lo: int, hi: int) -> int:
+        v = views[i]
+        host[base[i] + lo : base[i] + hi] = np.frombuffer(v[lo:hi], dtype=np.uint8)
+        if lo == 0:  # the header, with its CRC field zeroed, then the rest of the piece
+            head = bytes(v[: fmt.HEADER_SIZE - 4]) + b"\0\0\0\0"
+            return fmt.crc32(v[fmt.HEADER_SIZE : hi], fmt.crc32(head))
+        return fmt.crc32(v[lo:hi])
+
+    jobs: list[list[tuple[int, concurrent.futures.Future[int]]]] = []
+    pool = _pool()
+    for i, v in enumerate(views):
+        step = _PIECE if combine is not None else len(v)
+        cuts = [0, *range(max(step, fmt.HEADER_SIZE), len(v), step), len(v)]
+        jobs.append([(hi - lo, pool.submit(piece, i, lo, hi)) for lo, hi in itertools.pairwise(cuts)])
+    out = []
+    for i, parts in enumerate(jobs):
+        crc = parts[0][1].result()
+        for n, fut in parts[1:]:
+            assert combine is not None
+            crc = combine(crc, fut.result(), n)
+        stored = int.from_bytes(views[i][fmt.HEADER_SIZE - 4 : fmt.HEADER_SIZE], "little")
+        out.append((stored, crc & 0xFFFFFFFF))
+    return out
 
 
 def _live_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,122 +235,241 @@ def decode_chunks_gpu(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
-    """Decode many chunks with one rANS launch for all their segments; each ``[L, 2, H, T, D]``.
+    """Decode many chunks with one rANS launch and one reconstruction launch; each ``[L, 2, H, T, D]``.
 
     Every chunk is validated (header, sizes, checksum, profile) before anything is uploaded or launched.
+    The results are views into one buffer, in each chunk's dtype unless ``dtype`` asks for another.
     """
-    parsed = [codec.validate_chunk(data, profile, model_fingerprint) for data in chunks]
-    return decode_parsed_gpu(parsed, profile, device=device, dtype=dtype)
-
-
-def decode_parsed_gpu(
-    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]],
-    profile: CalibrationProfile,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> list[torch.Tensor]:
-    """Decode chunks already checked by ``codec.validate_chunk``."""
-    if not parsed:
+    if not chunks:
         return []
     dev = _resolve_device(device)
-    q, seg_base = entropy_decode_gpu(parsed, dev)
-    dp = _device_profile(profile, dev)
-    results: list[torch.Tensor] = []
-    i = 0
-    while i < len(parsed):  # reconstruct runs of consecutive chunks with the same token count together
-        j = i + 1
-        while j < len(parsed) and parsed[j][0].n_tokens == parsed[i][0].n_tokens:
-            j += 1
-        results.extend(_reconstruct_run(parsed[i:j], q, seg_base[i], dp, profile, dev, dtype))
-        i = j
+    return decode_staged(stage_chunks(chunks, profile, dev, model_fingerprint), profile, dtype=dtype)
+
+
+def decode_staged(
+    staged: StagedBatch, profile: CalibrationProfile, *, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """Decode a batch whose bytes are already on the device (see ``stage_chunks``)."""
+    batch = prepare_decode(staged, profile)
+    launch_decode(batch)
+    if batch.fused:
+        outs = launch_reconstruct(batch)
+        check_status(batch)
+    else:
+        check_status(batch)
+        outs = _reconstruct_unfused(batch, profile)
+    results = []
+    for (h, sec), out in zip(staged.parsed, outs, strict=True):
+        _overwrite_raw_gpu(out, h, sec)
+        results.append(out if dtype is None or dtype == out.dtype else out.to(dtype))
     return results
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The rANS decoder's inputs for a batch of chunks, on the device (see ``prepare_decode``)."""
+    """The decoder's inputs for a batch of chunks, on the device (see ``prepare_decode``)."""
 
-    args: tuple[
-        torch.Tensor, ...
-    ]  # words, starts, ends, states, lanes, tokens, live, n_live, classes, out offsets
-    out: torch.Tensor  # int32, flat: chunk after chunk, each [segments, d, tokens]
+    staged: StagedBatch
+    rans_meta: torch.Tensor  # int64 [S, 6]: word start, word end, first state, lanes, tokens, q offset
+    recon_meta: torch.Tensor  # int64 [S, 4]: q offset, out offset, tokens, first cos/sin row
+    scale: torch.Tensor  # float64 [S]: mant * 2**-(exp + basis_exp)
+    classes: torch.Tensor  # uint8 [S, d]
+    live: torch.Tensor  # int32 [S, d]
+    n_live: torch.Tensor  # int32 [S]
+    q: torch.Tensor  # int32, flat: chunk after chunk, each [segments, d, tokens]
     status: torch.Tensor  # int32 [all segments]
-    seg_base: list[int]  # each chunk's first element in ``out``
     n_seg: list[int]
+    out_base: list[int]  # each chunk's first element in its dtype's output buffer
+    cos: torch.Tensor  # float32 [rows, head_dim / 2] (empty without RoPE)
+    sin: torch.Tensor
     d: int
     max_lanes: int
+    max_tokens: int
+    fused: bool  # reconstruction by the Triton kernel (else the torch fallback, see ``_fusable``)
+    rope: bool
+    dp: _DeviceProfile
+    q_base: list[int]  # each chunk's first element in ``q``
 
 
-def prepare_decode(
-    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]], device: torch.device
-) -> DecodeBatch:
-    """Gather every segment of every chunk into flat arrays and upload them."""
+def _fusable(profile: CalibrationProfile) -> bool:
+    """Whether the one-pass reconstruction kernel covers this profile's layout (rotary over whole heads)."""
+    D = profile.head_dim
+    return D % 2 == 0 and (not profile.has_rope or 2 * profile.inv_freq.size == D)
+
+
+def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBatch:
+    """Per-segment metadata for the kernels, computed on the host from the headers, in two uploads."""
+    parsed = staged.parsed
+    dev = staged.buf.device
+    dp = _device_profile(profile, dev)
+    h0 = parsed[0][0]
+    d, G, H, D = h0.group_dim, h0.groups, h0.kv_heads, h0.head_dim
     n_seg = [h.segments for h, _ in parsed]
-    d = parsed[0][0].group_dim
-    max_lanes = max(h.lanes for h, _ in parsed)
     S = sum(n_seg)
-    words = _upload_words([sec.words for _, sec in parsed], device)
-    word_base = np.cumsum([0] + [h.n_words for h, _ in parsed])[:-1]
-    offsets = [sec.offsets.astype(np.int64) + b for (_, sec), b in zip(parsed, word_base, strict=True)]
-    starts = np.concatenate([o[:-1] for o in offsets])
-    ends = np.concatenate([o[1:] for o in offsets])
-    states = np.zeros((S, max_lanes), dtype=np.int64)
-    lanes = np.empty(S, dtype=np.int32)
-    n_tok = np.empty(S, dtype=np.int32)
-    out_offset = np.empty(S, dtype=np.int64)
-    seg_base: list[int] = []
-    s0, e0 = 0, 0
-    for h, sec in parsed:
+    rans_meta = np.empty((S, 6), dtype=np.int64)
+    recon_meta = np.empty((S, 4), dtype=np.int64)
+    scale = np.empty(S, dtype=np.float64)
+    out_base: list[int] = []
+    cos, sin, rows = _rope_rows(staged, profile)
+    s0, q0 = 0, 0
+    q_base: list[int] = []
+    out_pos: dict[str, int] = {}
+    for i, (h, sec) in enumerate(parsed):
+        off = fmt.section_offsets(h)
+        seg = np.arange(h.segments, dtype=np.int64)
         s1 = s0 + h.segments
-        states[s0:s1, : h.lanes] = sec.states
-        lanes[s0:s1] = h.lanes
-        n_tok[s0:s1] = h.n_tokens
-        out_offset[s0:s1] = e0 + np.arange(h.segments, dtype=np.int64) * d * h.n_tokens
-        seg_base.append(e0)
-        s0, e0 = s1, e0 + h.segments * d * h.n_tokens
-    classes = np.concatenate([sec.classes for _, sec in parsed]).astype(np.int32)
-
-    def up(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    classes_d = up(classes)
-    live, n_live = _live_lists(classes_d)
-    args = (words, up(starts), up(ends), up(states), up(lanes), up(n_tok), live, n_live, classes_d)
+        offsets = sec.offsets.astype(np.int64)
+        w0 = (staged.base[i] + off["words"]) // 2
+        rans_meta[s0:s1, 0] = w0 + offsets[:-1]
+        rans_meta[s0:s1, 1] = w0 + offsets[1:]
+        rans_meta[s0:s1, 2] = (staged.base[i] + off["states"]) // 4 + seg * h.lanes
+        rans_meta[s0:s1, 3] = h.lanes
+        rans_meta[s0:s1, 4] = h.n_tokens
+        rans_meta[s0:s1, 5] = q0 + seg * d * h.n_tokens
+        q_base.append(q0)
+        o = out_pos.get(h.dtype, 0)
+        out_base.append(o)
+        out_pos[h.dtype] = o + h.elements
+        recon_meta[s0:s1, 0] = rans_meta[s0:s1, 5]
+        recon_meta[s0:s1, 1] = o + ((seg // G) * H + (seg % G) * (H // G)) * h.n_tokens * D
+        recon_meta[s0:s1, 2] = h.n_tokens
+        recon_meta[s0:s1, 3] = rows[i]
+        scale[s0:s1] = np.ldexp(
+            sec.step_mant.astype(np.float64), -(sec.step_exp.astype(np.int64) + dp.basis_exp)
+        )
+        s0, q0 = s1, q0 + h.segments * d * h.n_tokens
+    meta = np.concatenate([rans_meta.ravel(), recon_meta.ravel(), scale.view(np.int64)])
+    meta_d = torch.from_numpy(meta).to(dev)
+    classes = torch.from_numpy(np.concatenate([sec.classes for _, sec in parsed])).to(dev)
+    live, n_live = _live_lists(classes)
+    fused = _fusable(profile)
+    q = (torch.empty if fused else torch.zeros)(q0 + 1, dtype=torch.int32, device=dev)
     return DecodeBatch(
-        args=(*args, up(out_offset)),
-        out=torch.empty(e0, dtype=torch.int32, device=device),
-        status=torch.empty(S, dtype=torch.int32, device=device),
-        seg_base=seg_base,
+        staged=staged,
+        rans_meta=meta_d[: 6 * S].view(S, 6),
+        recon_meta=meta_d[6 * S : 10 * S].view(S, 4),
+        scale=meta_d[10 * S :].view(torch.float64),
+        classes=classes,
+        live=live,
+        n_live=n_live,
+        q=q,
+        status=torch.empty(S, dtype=torch.int32, device=dev),
         n_seg=n_seg,
+        out_base=out_base,
+        cos=cos,
+        sin=sin,
         d=d,
-        max_lanes=max_lanes,
+        max_lanes=max(h.lanes for h, _ in parsed),
+        max_tokens=max(h.n_tokens for h, _ in parsed),
+        fused=fused,
+        rope=profile.has_rope,
+        dp=dp,
+        q_base=q_base,
     )
+
+
+_ROPE_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+_ROPE_CACHED_POSITIONS = 1 << 20  # positions below this share one cached table per profile and device
+
+
+def _rope_rows(
+    staged: StagedBatch, profile: CalibrationProfile
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """cos/sin tables (float32 [rows, rotary_dim / 2], the host's ``rope_tables``) and each chunk's first row.
+
+    Positions below 2**20 index one table per profile and device, grown by powers of two and kept;
+    a batch reaching beyond gets its own table of just its positions.
+    """
+    dev = staged.buf.device
+    if not profile.has_rope:
+        empty = torch.zeros(1, dtype=torch.float32, device=dev)
+        return empty, empty, [0] * len(staged.parsed)
+    half = profile.inv_freq.size
+    ends = [h.token_start + h.n_tokens for h, _ in staged.parsed]
+    if max(ends) <= _ROPE_CACHED_POSITIONS:
+        key = (profile.digest, str(dev))
+        cos, sin = _ROPE_CACHE.get(key, (None, None))
+        if cos is None or cos.shape[0] < max(ends):
+            n = max(4096, 1 << (max(ends) - 1).bit_length())
+            c, s = rope_tables(np.arange(n), profile.inv_freq, profile.rope_scaling)
+            cos = torch.from_numpy(np.ascontiguousarray(c[:, :half])).to(dev)
+            sin = torch.from_numpy(np.ascontiguousarray(s[:, :half])).to(dev)
+            _ROPE_CACHE[key] = (cos, sin)
+        return cos, sin, [h.token_start for h, _ in staged.parsed]
+    scaling = profile.rope_scaling
+    parts = [
+        rope_tables(np.arange(h.token_start, h.token_start + h.n_tokens), profile.inv_freq, scaling)
+        for h, _ in staged.parsed
+    ]
+    rows = np.cumsum([0] + [h.n_tokens for h, _ in staged.parsed])[:-1].tolist()
+    cos = torch.from_numpy(np.concatenate([c[:, :half] for c, _ in parts])).to(dev)
+    sin = torch.from_numpy(np.concatenate([s[:, :half] for _, s in parts])).to(dev)
+    return cos, sin, rows
+
+
+@functools.cache
+def _packed_table(device: torch.device) -> torch.Tensor:
+    """The bank as one int32 per (table, slot): symbol | freq << 6 | (slot - cum) << 19, uploaded once."""
+    bank = table_bank()
+    slot = np.arange(rans.PROB_SCALE, dtype=np.int64)[None, :]
+    sym = bank.lut.astype(np.int64)
+    f = np.take_along_axis(bank.freq.astype(np.int64), sym, axis=1)
+    c = np.take_along_axis(bank.cum.astype(np.int64), sym, axis=1)
+    packed = (sym | (f << 6) | ((slot - c) << 19)).astype(np.uint32).view(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(packed)).to(device)
 
 
 def launch_decode(batch: DecodeBatch) -> None:
     """Run the rANS decode kernel over every segment of the batch (asynchronous)."""
     from kvwire.kernels import triton_rans as tr
 
-    batch.out.zero_()
-    bank = _device_bank(batch.out.device)
+    buf = batch.staged.buf
     block = _block(batch.max_lanes)
     tr.decode_kernel[(len(batch.status),)](
-        *batch.args, batch.out, bank.freq, bank.cum, bank.lut, bank.extra, batch.status, batch.d,
-        batch.max_lanes, BLOCK=block, num_warps=max(1, block // 32), **tr.CONSTANTS,
+        buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
+        batch.classes, batch.q, _packed_table(buf.device), batch.status, batch.d,
+        BLOCK=block, num_warps=max(1, block // 32), **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 
-def entropy_decode_gpu(
-    parsed: Sequence[tuple[fmt.ChunkHeader, fmt.ChunkSections]], device: torch.device
-) -> tuple[torch.Tensor, list[int]]:
-    """One rANS launch over every segment of every chunk: flat int32 coefficients, chunk after chunk,
-    each chunk ``[segments, d, tokens]``; plus each chunk's first element in that buffer.
+def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
+    """One reconstruction launch per output dtype in the batch; each chunk's ``[L, 2, H, T, D]`` view."""
+    import triton
 
-    Raises CorruptChunkError naming the first bad segment (the kernel never reads outside a segment).
-    """
-    batch = prepare_decode(parsed, device)
-    launch_decode(batch)
+    from kvwire.kernels import triton_recon as trc
+
+    parsed = batch.staged.parsed
+    dev = batch.q.device
+    h0 = parsed[0][0]
+    D, d, SP, G = h0.head_dim, h0.group_dim, h0.segments, h0.groups
+    sizes: dict[str, int] = {}
+    for (h, _), o in zip(parsed, batch.out_base, strict=True):
+        sizes[h.dtype] = max(sizes.get(h.dtype, 0), o + h.elements)
+    outs = {name: torch.empty(n, dtype=codec._TORCH_DTYPES[name], device=dev) for name, n in sizes.items()}
+    dp = batch.dp
+    BT = 64
+    for name, out in outs.items():
+        sel = [i for i, (h, _) in enumerate(parsed) if h.dtype == name]
+        first = sum(batch.n_seg[: sel[0]])
+        last = sum(batch.n_seg[: sel[-1] + 1])
+        if len(sel) != sel[-1] - sel[0] + 1:  # dtypes interleaved: one launch per chunk
+            spans = [(sum(batch.n_seg[:i]), sum(batch.n_seg[: i + 1])) for i in sel]
+        else:
+            spans = [(first, last)]
+        for a, b in spans:
+            grid = (triton.cdiv(batch.max_tokens, BT), b - a, h0.heads_per_group)
+            trc.reconstruct_kernel[grid](
+                batch.q, batch.recon_meta[a:b], batch.scale[a:b], batch.n_live[a:b], batch.classes[a:b],
+                dp.b0, dp.b1, dp.mean, batch.cos, batch.sin, out, d, SP, G,
+                HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
+                HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=4, enable_fp_fusion=False,
+            )  # fmt: skip
+    views = zip(parsed, batch.out_base, strict=True)
+    return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
+
+
+def check_status(batch: DecodeBatch) -> None:
+    """Raise CorruptChunkError naming the first segment the rANS kernel found corrupt (synchronises)."""
     bad = batch.status.cpu().numpy()
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -273,7 +477,22 @@ def entropy_decode_gpu(
         seg = first - int(np.sum(batch.n_seg[:chunk]))
         why = _STATUS_TEXT.get(int(bad[first]), "?")
         raise CorruptChunkError(f"entropy-coded segment {seg} of chunk {chunk} is corrupt ({why})")
-    return batch.out, batch.seg_base
+
+
+def _reconstruct_unfused(batch: DecodeBatch, profile: CalibrationProfile) -> list[torch.Tensor]:
+    """Torch reconstruction (op for op the CPU's) for layouts the kernel does not cover."""
+    parsed = batch.staged.parsed
+    results: list[torch.Tensor] = []
+    i = 0
+    while i < len(parsed):  # runs of consecutive chunks with the same token count go together
+        j = i + 1
+        while j < len(parsed) and parsed[j][0].n_tokens == parsed[i][0].n_tokens:
+            j += 1
+        results.extend(
+            _reconstruct_run(parsed[i:j], batch.q, batch.q_base[i], batch.dp, profile, batch.q.device, None)
+        )
+        i = j
+    return results
 
 
 def _rope_tensors(

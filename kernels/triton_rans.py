@@ -30,54 +30,40 @@ STATUS_END_STATE = 4  # a lane did not return to the initial state 2**16
 
 
 @triton.jit
-def _symbol_value(sym, raw, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr):
-    r = sym - (2 * DIRECT_MAX + 1)
-    k = r // 2 + MIN_OCTAVE
-    mag = (tl.full(sym.shape, 1, tl.int64) << k) + raw
-    big = tl.where((r & 1) != 0, -mag, mag)
-    return tl.where(sym <= 2 * DIRECT_MAX, sym - DIRECT_MAX, big)
-
-
-@triton.jit
 def decode_kernel(
-    words_ptr,  # int16 [total words]: every segment's 16-bit words (read as unsigned), one after another
-    word_start_ptr,  # int64 [S]
-    word_end_ptr,  # int64 [S]
-    states_ptr,  # int64 [S, MAX_LANES]
-    lanes_ptr,  # int32 [S]
-    n_tok_ptr,  # int32 [S]
+    words_ptr,  # int16: the batch's chunk bytes viewed as 16-bit words (read as unsigned)
+    states_ptr,  # int32: the same bytes viewed as 32-bit words (lane states, read as unsigned)
+    meta_ptr,  # int64 [S, 6]: word start, word end, first state, lanes, tokens, out offset
     live_ptr,  # int32 [S, D]: live components in order, then padding
     n_live_ptr,  # int32 [S]
-    classes_ptr,  # int32 [S, D]
-    out_offset_ptr,  # int64 [S]: where segment s's [D, n_tok] int32 block starts in out
-    out_ptr,  # int32, zero-filled by the caller
-    freq_ptr,  # int64 [n_tables, NUM_SYMBOLS]
-    cum_ptr,  # int64 [n_tables, NUM_SYMBOLS]
-    lut_ptr,  # int32 [n_tables, PROB_SCALE]
-    extra_ptr,  # int32 [NUM_SYMBOLS]
+    classes_ptr,  # uint8 [S, D]
+    out_ptr,  # int32: segment s's live rows of [D, tokens] at its out offset (dead rows untouched)
+    table_ptr,  # int32 [n_tables, PROB_SCALE]: packed symbol | freq << 6 | (slot - cum) << 19
     status_ptr,  # int32 [S]
     D,
-    MAX_LANES,
     BLOCK: tl.constexpr,
-    NUM_SYMBOLS: tl.constexpr,
     PROB_BITS: tl.constexpr,
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
 ):
     seg = tl.program_id(0).to(tl.int64)
-    lanes = tl.load(lanes_ptr + seg)
-    n_tok = tl.load(n_tok_ptr + seg)
+    ptr = tl.load(meta_ptr + seg * 6)
+    end = tl.load(meta_ptr + seg * 6 + 1)
+    state_base = tl.load(meta_ptr + seg * 6 + 2)
+    lanes = tl.load(meta_ptr + seg * 6 + 3).to(tl.int32)
+    n_tok = tl.load(meta_ptr + seg * 6 + 4).to(tl.int32)
+    out_base = tl.load(meta_ptr + seg * 6 + 5)
     n_live = tl.load(n_live_ptr + seg)
-    ptr = tl.load(word_start_ptr + seg)
-    end = tl.load(word_end_ptr + seg)
-    out_base = tl.load(out_offset_ptr + seg)
     active = tl.minimum(lanes, n_live)
     g = tl.arange(0, BLOCK)
     lane_on = g < active
-    x = tl.load(states_ptr + seg * MAX_LANES + g, mask=lane_on, other=65536)
+    # States are < 2**32 and every step keeps them there (f * (x >> 12) + slot - cum < f * 2**20), so
+    # uint32 arithmetic is exact.
+    x = tl.load(states_ptr + state_base + g, mask=lane_on, other=65536).to(tl.uint32, bitcast=True)
     status = tl.where(tl.sum((x < 65536).to(tl.int32), axis=0) > 0, 1, 0)
     overrun = ptr < 0  # a scalar False of the right type
     n_blocks = tl.cdiv(n_live, tl.maximum(active, 1))
+    zero = tl.zeros((BLOCK,), tl.uint32)
     # While loops, not range(): the interpreter cannot take a loaded scalar as a range bound.
     j = 0
     while j < n_blocks:
@@ -85,35 +71,39 @@ def decode_kernel(
         on = lane_on & (idx < n_live)
         comp = tl.load(live_ptr + seg * D + idx, mask=on, other=0)
         cl = tl.load(classes_ptr + seg * D + comp, mask=on, other=0).to(tl.int64)
+        row_table = table_ptr + (cl << PROB_BITS)
         out_row = out_ptr + out_base + comp.to(tl.int64) * n_tok
         t = 0
         while t < n_tok:
             slot = x & ((1 << PROB_BITS) - 1)
-            sym = tl.load(lut_ptr + (cl << PROB_BITS) + slot, mask=on, other=DIRECT_MAX).to(tl.int64)
-            f = tl.load(freq_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=1)
-            c = tl.load(cum_ptr + cl * NUM_SYMBOLS + sym, mask=on, other=0)
-            nb = tl.load(extra_ptr + sym, mask=on, other=0).to(tl.int64)
-            xs = f * (x >> PROB_BITS) + slot - c
+            e = tl.load(row_table + slot, mask=on, other=0).to(tl.uint32, bitcast=True)
+            sym = (e & 63).to(tl.int32)
+            xs = ((e >> 6) & 8191) * (x >> PROB_BITS) + (e >> 19)
+            big = sym > 2 * DIRECT_MAX
+            nb = tl.where(big, (sym - (2 * DIRECT_MAX + 1)) // 2 + MIN_OCTAVE, 0)
+            nbu = nb.to(tl.uint32)
             need1 = xs < 65536
-            one = tl.full(xs.shape, 1, tl.int64)
-            need2 = (nb > 0) & tl.where(need1, xs < (one << nb), (xs >> nb) < 65536)
+            low = (zero + 1) << nbu
+            need2 = big & tl.where(need1, xs < low, (xs >> nbu) < 65536)
             need1 = need1 & on
             need2 = need2 & on
             count = need1.to(tl.int32) + need2.to(tl.int32)
             before = tl.cumsum(count, axis=0) - count
             total = tl.sum(count, axis=0)
             p1 = ptr + before
-            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.int64) & 0xFFFF
-            xs = tl.where(need1, (xs << 16) | w1, xs)
-            raw = xs & ((tl.full(xs.shape, 1, tl.int64) << nb) - 1)
-            xs = xs >> nb
+            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.uint16, bitcast=True)
+            xs = tl.where(need1, (xs << 16) | w1.to(tl.uint32), xs)
+            raw = (xs & (low - 1)).to(tl.int32)
+            xs = xs >> nbu
             p2 = p1 + need1.to(tl.int64)
-            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.int64) & 0xFFFF
-            xs = tl.where(need2, (xs << 16) | w2, xs)
+            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.uint16, bitcast=True)
+            xs = tl.where(need2, (xs << 16) | w2.to(tl.uint32), xs)
             overrun = overrun | (ptr + total > end)
             ptr = ptr + total
-            value = _symbol_value(sym, raw, DIRECT_MAX, MIN_OCTAVE)
-            tl.store(out_row + t, value.to(tl.int32), mask=on)
+            mag = (1 << nb) + raw
+            r = sym - (2 * DIRECT_MAX + 1)
+            value = tl.where(big, tl.where((r & 1) != 0, -mag, mag), sym - DIRECT_MAX)
+            tl.store(out_row + t, value, mask=on)
             x = tl.where(on, xs, x)
             t += 1
         j += 1
@@ -199,6 +189,11 @@ def encode_kernel(
     tl.store(n_words_ptr + seg, sp)
 
 
+DECODE_CONSTANTS = {
+    "PROB_BITS": rans.PROB_BITS,
+    "DIRECT_MAX": rans.DIRECT_MAX,
+    "MIN_OCTAVE": rans.MIN_OCTAVE,
+}
 CONSTANTS = {
     "NUM_SYMBOLS": rans.NUM_SYMBOLS,
     "PROB_BITS": rans.PROB_BITS,
