@@ -9,11 +9,14 @@ the CPU codec tests use (tests/codec/conftest.py); keys get RoPE applied. A prof
 separate tokens with ``fit_profile``. Shapes: Llama-3-8B (32 layers, 8 KV heads, head dim 128, bf16,
 one head per group, d = 128) and SmolLM2-135M (30, 3, 64, bf16, d = 192); 256-token chunks.
 
-Reported per level and batch size: decode end to end (bytes -> KV tensor: parse + CRC + upload + rANS +
-reconstruction), decode of pre-parsed chunks, the rANS kernel alone (CUDA events), encode end to end
-(KV tensor on the GPU -> bytes). Baselines in the same run: a device-to-device copy of the fp16 KV
-(bandwidth ceiling), a plain 8-bit dequantise kernel, and the CPU path on one chunk. Bit-exactness of
-GPU and CPU decode is checked on one chunk per level.
+Reported per level and batch size: decode end to end (bytes in host memory -> KV tensors on the GPU:
+validate + CRC + pinned copy + upload + kernels), the staging step alone (validate + CRC + copy +
+upload), the device part alone (bytes already on the device -> KV: metadata, rANS kernel,
+reconstruction kernel, status check), each kernel alone (CUDA events), and encode end to end (KV
+tensor on the GPU -> bytes). Llama rows at level 2 are repeated with 128 lanes per segment (a header
+field, no format change) for single-chunk latency. Baselines in the same run: a device-to-device copy
+of the fp16 KV (bandwidth ceiling), a plain 8-bit dequantise kernel, and the CPU path on one chunk.
+Bit-exactness of GPU and CPU decode is checked on one chunk per level.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,6 +131,46 @@ def dequant8_kernel():  # built lazily: triton is imported only where the benchm
     return run
 
 
+def _decode_row(
+    name: str,
+    level: int,
+    lanes: int,
+    b: int,
+    streams: list[bytes],
+    chunks: list[torch.Tensor],
+    profile: CalibrationProfile,
+    elt: int,
+    enc_batches: list[int],
+) -> str:
+    """One table row: decode end to end, staging, device part, each kernel; encode end to end."""
+    dev = torch.device("cuda")
+    reps = 7 if b <= 8 else 5
+    part = streams[:b]
+    bits = 8 * sum(len(x) for x in part) / (elt * b)
+    t_e2e = wall(functools.partial(gpu.decode_chunks_gpu, part, profile, device=dev), reps)
+    t_stage = wall(functools.partial(gpu.stage_chunks, part, profile, dev), reps)
+    staged = gpu.stage_chunks(part, profile, dev)
+    t_dev = wall(functools.partial(gpu.decode_staged, staged, profile), reps)
+    batch = gpu.prepare_decode(staged, profile)
+    t_rans = events(functools.partial(gpu.launch_decode, batch), reps)
+    gpu.check_status(batch)
+    t_recon = events(functools.partial(gpu.launch_reconstruct, batch), reps)
+    del batch, staged
+    enc = "| |"
+    if b in enc_batches and lanes == 32:
+        starts = [CHUNK * j for j in range(b)]
+        run = functools.partial(gpu.encode_chunks_gpu, chunks[:b], profile, level=level, token_starts=starts)
+        t_enc = wall(run, reps=3)
+        enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
+    n = elt * b
+    t_k = t_rans + t_recon
+    return (
+        f"| {name} | {level} | {lanes} | {b} | {bits:.2f} | {t_e2e * 1e3:.2f} | {n * 2 / t_e2e / 1e9:.1f} "
+        f"| {t_stage * 1e3:.2f} | {t_dev * 1e3:.3f} | {n / t_dev / 1e9:.1f} | {n * 2 / t_dev / 1e9:.0f} "
+        f"| {t_rans * 1e3:.3f} | {t_recon * 1e3:.3f} | {n / t_k / 1e9:.1f} {enc}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -158,9 +202,10 @@ def main() -> None:
             [
                 *head,
                 "## Codec (GPU path)\n",
-                "| model | level | chunks | bits/elt | decode e2e ms | decode e2e GB/s | decode parsed ms "
-                "| rANS kernel ms | rANS Gelt/s | encode e2e ms | encode GB/s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "| model | level | lanes | chunks | bits/elt | e2e ms | e2e GB/s | stage ms | device ms "
+                "| device Gelt/s | device GB/s | rANS ms | recon ms | kernels Gelt/s | encode e2e ms "
+                "| encode GB/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *rows,
                 "\n## Baselines (same run)\n",
                 "| what | model | chunks | ms | GB/s |",
@@ -205,6 +250,17 @@ def main() -> None:
             gbs = src.numel() * 2 / t / 1e9
             base_rows.append(f"| 8-bit dequantise (Triton) | {name} | {b} | {t * 1e3:.3f} | {gbs:.0f} out |")
             del src, dst, q8
+        if name.startswith("Llama"):  # the matrix-unit ceiling the reconstruction's int8 dots run on
+            try:
+                a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device=dev)
+                bm = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device=dev).t()
+                t = events(functools.partial(torch._int_mm, a, bm), reps=10)
+                tops = 2 * 8192**3 / t / 1e12
+                what = "int8 GEMM 8192^3 (torch._int_mm)"
+                base_rows.append(f"| {what} | - | - | {t * 1e3:.3f} | {tops:.0f} TOPS |")
+                del a, bm
+            except Exception:
+                traceback.print_exc()
         torch.cuda.empty_cache()
         write()
         cpu_done = False
@@ -219,7 +275,6 @@ def main() -> None:
                 starts = [CHUNK * j for j in range(i, i + len(kv_part))]
                 encs = gpu.encode_chunks_gpu(kv_part, profile, level=level, token_starts=starts)
                 data.extend(e.data for e in encs)
-            bits = 8 * sum(len(x) for x in data) / (elt * max_b)
             # Bit-exactness on the device: GPU decode vs CPU decode of the same bytes.
             ref = codec.decode_chunk(data[1], profile, backend="cpu")
             got = codec.decode_chunk(data[1], profile, device=dev).cpu()
@@ -238,33 +293,30 @@ def main() -> None:
                         f"| {elt * 2 / t / 1e9:.2f} out |"
                     )
                 cpu_done = True
-            for b in dec_batches:
-                reps = 5 if b <= 8 else 3
-                part = data[:b]
-                t_e2e = wall(functools.partial(gpu.decode_chunks_gpu, part, profile, device=dev), reps)
-                parsed = [codec.validate_chunk(x, profile) for x in part]
-                t_parsed = wall(functools.partial(gpu.decode_parsed_gpu, parsed, profile, device=dev), reps)
-                batch = gpu.prepare_decode(parsed, torch.device(dev))
-                t_rans = events(functools.partial(gpu.launch_decode, batch), reps)
-                assert not batch.status.any()
-                del batch
-                enc = "| |"
-                if b in enc_batches:
-                    kvs = chunks[:b]
-                    starts = [CHUNK * j for j in range(b)]
-                    run = functools.partial(
-                        gpu.encode_chunks_gpu, kvs, profile, level=level, token_starts=starts
-                    )
-                    t_enc = wall(run, reps=3)
-                    enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
-                n = elt * b
-                rows.append(
-                    f"| {name} | {level} | {b} | {bits:.2f} | {t_e2e * 1e3:.1f} | {n * 2 / t_e2e / 1e9:.1f} "
-                    f"| {t_parsed * 1e3:.1f} | {t_rans * 1e3:.2f} | {n / t_rans / 1e9:.1f} {enc}"
+            variants = [(32, data)]
+            if level == 2 and name.startswith("Llama"):
+                starts8 = [CHUNK * j for j in range(8)]
+                encs = gpu.encode_chunks_gpu(
+                    chunks[:8], profile, level=level, token_starts=starts8, lanes=128
                 )
-                print(rows[-1], flush=True)
-                torch.cuda.empty_cache()
-                write()
+                wide = [e.data for e in encs]
+                variants.append((128, wide))
+                ref = codec.decode_chunk(wide[1], profile, backend="cpu")
+                same = torch.equal(ref, codec.decode_chunk(wide[1], profile, device=dev).cpu())
+                exact_rows.append(f"- {name} level {level}, 128 lanes: GPU decode == CPU decode: {same}")
+            for lanes, streams in variants:
+                for b in dec_batches:
+                    if b > len(streams):
+                        continue
+                    try:
+                        row = _decode_row(name, level, lanes, b, streams, chunks, profile, elt, enc_batches)
+                        rows.append(row)
+                    except Exception:  # keep the rest of the run (one device call) going
+                        traceback.print_exc()
+                        continue
+                    print(rows[-1], flush=True)
+                    torch.cuda.empty_cache()
+                    write()
         del chunks
         torch.cuda.empty_cache()
     write()

@@ -7,7 +7,9 @@ import os
 # The GPU path's Triton kernels run on CPU tensors in the interpreter (tests/codec/test_gpu.py). Triton
 # reads this when it is first imported, so it is set here, before any test module can import it; it only
 # changes how Triton runs kernels, which nothing else in the tests does.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# KVWIRE_TEST_DEVICE=cuda runs the same tests on a real GPU instead (compiled kernels, CUDA tensors).
+if os.environ.get("KVWIRE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

@@ -1,11 +1,14 @@
 """GPU codec path (kvwire.kernels.gpu): bit-identical to the CPU path, same corruption verdicts.
 
 The Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors, so no GPU is needed; shapes are kept
-small because the interpreter executes each step in numpy.
+small because the interpreter executes each step in numpy. With ``KVWIRE_TEST_DEVICE=cuda`` the same
+tests run the compiled kernels on a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import struct
 import zlib
 
@@ -18,16 +21,18 @@ from hypothesis import strategies as st
 from kvwire.errors import CorruptChunkError, InvalidInputError
 from kvwire.kernels import codec, gpu
 from kvwire.kernels import format as fmt
-from kvwire.kernels.profile import CalibrationProfile
+from kvwire.kernels.profile import CalibrationProfile, with_digest
 
 from .conftest import make_profile, synthetic_kv
 
 triton = pytest.importorskip("triton")
-if not triton.knobs.runtime.interpret:  # set by tests/codec/conftest.py, before anything imports triton
+DEV = torch.device(os.environ.get("KVWIRE_TEST_DEVICE", "cpu"))
+if DEV.type == "cpu" and not triton.knobs.runtime.interpret:  # set by tests/codec/conftest.py
     pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported", allow_module_level=True)
+if DEV.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("KVWIRE_TEST_DEVICE=cuda without a CUDA device", allow_module_level=True)
 
 pytestmark = pytest.mark.triton
-CPU = torch.device("cpu")
 
 
 def _refresh_crc(data: bytearray) -> bytes:
@@ -46,8 +51,9 @@ def _kv(tokens: int, seed: int, dtype: torch.dtype, outlier: bool = False) -> to
 
 def _both(data: bytes, profile: CalibrationProfile) -> tuple[torch.Tensor, torch.Tensor]:
     cpu = codec.decode_chunk(data, profile, backend="cpu")
-    dev = codec.decode_chunk(data, profile, backend="gpu", device=CPU)
-    return cpu, dev
+    dev = codec.decode_chunk(data, profile, backend="gpu", device=DEV)
+    assert dev.device.type == DEV.type
+    return cpu, dev.cpu()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def test_gpu_decode_is_bit_identical(
     x = _kv(tokens, seed=tokens + level, dtype=dtype, outlier=outlier)
     data = codec.encode_chunk(x, profile, level=level, token_start=start, lanes=lanes, backend="cpu").data
     cpu, dev = _both(data, profile)
-    assert dev.dtype == cpu.dtype == dtype and dev.device == CPU
+    assert dev.dtype == cpu.dtype == dtype
     assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))  # bits, signed zeros included
     if outlier:
         assert fmt.read_header(data).n_raw > 0
@@ -135,11 +141,11 @@ def test_batch_decode_in_one_launch(profile: CalibrationProfile, monkeypatch: py
         real(batch)
 
     monkeypatch.setattr(gpu, "launch_decode", counting)
-    got = gpu.decode_chunks_gpu(chunks, profile, device=CPU, dtype=torch.float32)
+    got = gpu.decode_chunks_gpu(chunks, profile, device=DEV, dtype=torch.float32)
     assert len(launches) == 1
     for data, y in zip(chunks, got, strict=True):
         ref = codec.decode_chunk(data, profile, backend="cpu", dtype=torch.float32)
-        assert torch.equal(ref, y)
+        assert torch.equal(ref, y.cpu())
 
 
 @pytest.mark.parametrize(
@@ -149,7 +155,7 @@ def test_gpu_encoder_streams_decode_identically(
     profile: CalibrationProfile, tokens: int, start: int, level: int, dtype: torch.dtype
 ) -> None:
     x = _kv(tokens, seed=40 + tokens, dtype=dtype, outlier=tokens > 1)
-    enc = codec.encode_chunk(x, profile, level=level, token_start=start, lanes=4, backend="gpu")
+    enc = codec.encode_chunk(x.to(DEV), profile, level=level, token_start=start, lanes=4, backend="gpu")
     cpu, dev = _both(enc.data, profile)
     assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
     # and the stream is a faithful encoding: as close to the input as the CPU encoder's own stream
@@ -160,14 +166,14 @@ def test_gpu_encoder_streams_decode_identically(
 
 
 def test_gpu_encoder_batch_and_validation(profile: CalibrationProfile) -> None:
-    xs = [_kv(3, s, torch.float16) for s in (1, 2)]
+    xs = [_kv(3, s, torch.float16).to(DEV) for s in (1, 2)]
     encs = gpu.encode_chunks_gpu(xs, profile, level=1, token_starts=[0, 3], lanes=8)
     assert [e.token_start for e in encs] == [0, 3]
     for e in encs:
         cpu, dev = _both(e.data, profile)
         assert torch.equal(cpu, dev)
     with pytest.raises(InvalidInputError):
-        gpu.encode_chunks_gpu([xs[0], _kv(4, 1, torch.float16)], profile)
+        gpu.encode_chunks_gpu([xs[0], _kv(4, 1, torch.float16).to(DEV)], profile)
     bad = xs[0].clone()
     bad[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidInputError):
@@ -201,9 +207,9 @@ def test_corruption_behind_a_valid_checksum_gets_the_same_verdict(
         except CorruptChunkError:
             caught += 1
             with pytest.raises(CorruptChunkError, match="entropy-coded segment"):
-                codec.decode_chunk(forged, profile, backend="gpu", device=CPU)
+                codec.decode_chunk(forged, profile, backend="gpu", device=DEV)
         else:
-            dev = codec.decode_chunk(forged, profile, backend="gpu", device=CPU)
+            dev = codec.decode_chunk(forged, profile, backend="gpu", device=DEV).cpu()
             assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
     assert caught > 0
 
@@ -223,7 +229,7 @@ def test_truncated_words_are_caught_without_reading_past_them(
         with pytest.raises(CorruptChunkError):
             codec.decode_chunk(forged, profile, backend="cpu")
         with pytest.raises(CorruptChunkError, match="entropy-coded segment"):
-            gpu.decode_chunks_gpu([forged], profile, device=CPU)
+            gpu.decode_chunks_gpu([forged], profile, device=DEV)
 
 
 def test_header_is_validated_before_any_launch(
@@ -245,9 +251,9 @@ def test_header_is_validated_before_any_launch(
     bad_layers = _refresh_crc(data)
     for bad in (chunk_bytes[:-3], bad_offsets, bad_layers, b"XXXX" + chunk_bytes[4:]):
         with pytest.raises(CorruptChunkError):
-            gpu.decode_chunks_gpu([chunk_bytes, bad], profile, device=CPU)
+            gpu.decode_chunks_gpu([chunk_bytes, bad], profile, device=DEV)
         with pytest.raises(CorruptChunkError):
-            codec.decode_chunk(bad, profile, backend="gpu", device=CPU)
+            codec.decode_chunk(bad, profile, backend="gpu", device=DEV)
 
 
 def test_decode_chunks_joins_a_context_on_either_path(profile: CalibrationProfile) -> None:
@@ -255,7 +261,53 @@ def test_decode_chunks_joins_a_context_on_either_path(profile: CalibrationProfil
     chunks = codec.encode_kv(x, profile, levels=[2], chunk_tokens=3)
     data = [c[2].data for c in chunks]
     cpu = codec.decode_chunks(data, profile, backend="cpu")
-    dev = codec.decode_chunks(data, profile, backend="gpu", device=CPU)
-    assert dev.shape == (2, 2, 2, 7, 8) and torch.equal(cpu, dev)
+    dev = codec.decode_chunks(data, profile, backend="gpu", device=DEV)
+    assert dev.shape == (2, 2, 2, 7, 8) and torch.equal(cpu, dev.cpu())
     with pytest.raises(InvalidInputError, match="contiguous"):
-        codec.decode_chunks([data[0], data[2]], profile, backend="gpu", device=CPU)
+        codec.decode_chunks([data[0], data[2]], profile, backend="gpu", device=DEV)
+
+
+def test_large_coefficients_take_the_exact_wide_path(profile: CalibrationProfile) -> None:
+    """A tiny step makes coefficients far beyond int8: the kernel's six-dot digit product stays exact."""
+    x = _kv(6, 21, torch.float32)
+    data = codec.encode_chunk(x, profile, level=0, token_start=4, base_step=0.01, backend="cpu").data
+    q = codec.reconstruct_coefficients(*fmt.parse_chunk(data))
+    assert np.abs(q).max() > 1000
+    cpu, dev = _both(data, profile)
+    assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
+
+
+def test_partial_rotary_profile_uses_the_torch_fallback(profile: CalibrationProfile) -> None:
+    """Rotary over part of each head is outside the one-pass kernel: the torch path decodes it, same bits."""
+    part = with_digest(dataclasses.replace(profile, inv_freq=profile.inv_freq[:2], digest=""))
+    assert not gpu._fusable(part) and gpu._fusable(profile)
+    data = codec.encode_chunk(_kv(5, 8, torch.bfloat16), part, level=2, token_start=3, backend="cpu").data
+    cpu, dev = _both(data, part)
+    assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
+
+
+@pytest.mark.parametrize("pieces", [True, False])
+def test_threaded_checksums_in_pieces_and_whole(
+    profile: CalibrationProfile, chunk_bytes: bytes, monkeypatch: pytest.MonkeyPatch, pieces: bool
+) -> None:
+    """CRC-32s in pieces, combined (ISA-L), or whole (zlib): same verdicts, no launch on a bad one."""
+    if pieces:
+        if gpu._crc32_combine() is None:
+            pytest.skip("isal is not installed")
+        monkeypatch.setattr(gpu, "_PIECE", 100)
+    else:
+        monkeypatch.setattr(gpu, "_crc32_combine", lambda: None)
+    x = _kv(3, 12, torch.bfloat16)
+    other = codec.encode_chunk(x, profile, level=3, token_start=5, backend="cpu").data
+    got = gpu.decode_chunks_gpu([chunk_bytes, other], profile, device=DEV)
+    for data, y in zip([chunk_bytes, other], got, strict=True):
+        assert torch.equal(codec.decode_chunk(data, profile, backend="cpu"), y.cpu())
+    bad = bytearray(other)
+    bad[len(bad) // 2] ^= 4
+
+    def no_launch(*args: object) -> None:
+        raise AssertionError("kernel launched for a chunk with a bad checksum")
+
+    monkeypatch.setattr(gpu, "prepare_decode", no_launch)
+    with pytest.raises(CorruptChunkError, match="chunk 1 checksum"):
+        gpu.decode_chunks_gpu([chunk_bytes, bytes(bad)], profile, device=DEV)
