@@ -23,7 +23,7 @@ import functools
 import itertools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,8 @@ from kvwire.kernels.profile import CalibrationProfile
 from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 from kvwire.kernels.transform import rope_tables
 
+# Launch shapes (measured on an H200, see docs/gpu.md); module-level so that benchmarks can sweep them.
+TUNING = {"rans_segs": 1, "rans_warps": 1, "recon_bt": 64, "recon_warps": 4}
 _STATUS_TEXT = {1: "bad initial state", 2: "overrun", 3: "unread words", 4: "bad final state"}
 
 
@@ -111,7 +113,7 @@ def _device_profile(profile: CalibrationProfile, device: torch.device) -> _Devic
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
-_PIECE = 4 << 20  # bytes a thread checksums and copies at a time (when pieces can be combined)
+_PIECE = 1 << 20  # bytes a thread checksums and copies at a time (when pieces can be combined)
 
 
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -172,20 +174,29 @@ def stage_chunks(
     views = [memoryview(c).cast("B") for c in chunks]
     base = np.cumsum([0] + [len(v) for v in views]).tolist()
     total = base[-1]
+    cuda = device.type == "cuda"
     with _STAGING_LOCK:
-        cuda = device.type == "cuda"
         host = _staging(device, total).numpy() if cuda else np.empty(total, dtype=np.uint8)
-        crcs = _checksum_and_copy(views, base, host)
-        for i, (stored, computed) in enumerate(crcs):
-            if stored != computed:
-                raise CorruptChunkError(f"chunk {i} checksum mismatch: the bytes were corrupted")
-        # (synchronous: the staging buffer is free again when the lock is released)
-        buf = torch.from_numpy(host[:total]).to(device) if cuda else torch.from_numpy(host)
+        buf = torch.empty(total, dtype=torch.uint8, device=device) if cuda else torch.from_numpy(host)
+        bad = None
+        for i, (stored, computed) in enumerate(_checksum_and_copy(views, base, host)):
+            if stored != computed and bad is None:
+                bad = i
+            if cuda and bad is None:  # this chunk's bytes are staged: start its upload at once
+                lo, hi = base[i], base[i + 1]
+                buf[lo:hi].copy_(torch.from_numpy(host[lo:hi]), non_blocking=True)
+        if cuda:  # the staging buffer is free again when the lock is released
+            torch.cuda.current_stream(device).synchronize()
+        if bad is not None:
+            raise CorruptChunkError(f"chunk {bad} checksum mismatch: the bytes were corrupted")
     return StagedBatch(parsed=parsed, base=base[:-1], buf=buf)
 
 
-def _checksum_and_copy(views: list[memoryview], base: list[int], host: np.ndarray) -> list[tuple[int, int]]:
-    """Each chunk's (stored, computed) CRC-32, computed in threads while copying the bytes to ``host``."""
+def _checksum_and_copy(
+    views: list[memoryview], base: list[int], host: np.ndarray
+) -> Iterator[tuple[int, int]]:
+    """Each chunk's (stored, computed) CRC-32 in order, computed in threads that also copy the bytes to
+    ``host``; a chunk's pair is yielded once all its bytes are there."""
     combine = _crc32_combine()
 
     def piece(i: int, lo: int, hi: int) -> int:
@@ -202,15 +213,13 @@ def _checksum_and_copy(views: list[memoryview], base: list[int], host: np.ndarra
         step = _PIECE if combine is not None else len(v)
         cuts = [0, *range(max(step, fmt.HEADER_SIZE), len(v), step), len(v)]
         jobs.append([(hi - lo, pool.submit(piece, i, lo, hi)) for lo, hi in itertools.pairwise(cuts)])
-    out = []
     for i, parts in enumerate(jobs):
         crc = parts[0][1].result()
         for n, fut in parts[1:]:
             assert combine is not None
             crc = combine(crc, fut.result(), n)
         stored = int.from_bytes(views[i][fmt.HEADER_SIZE - 4 : fmt.HEADER_SIZE], "little")
-        out.append((stored, crc & 0xFFFFFFFF))
-    return out
+        yield stored, crc & 0xFFFFFFFF
 
 
 def _live_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +285,7 @@ class DecodeBatch:
     classes: torch.Tensor  # uint8 [S, d]
     live: torch.Tensor  # int32 [S, d]
     n_live: torch.Tensor  # int32 [S]
-    q: torch.Tensor  # int32, flat: chunk after chunk, each [segments, d, tokens]
+    q: torch.Tensor  # int32, flat: chunk after chunk, each [segments, tokens, d]
     status: torch.Tensor  # int32 [all segments]
     n_seg: list[int]
     out_base: list[int]  # each chunk's first element in its dtype's output buffer
@@ -421,14 +430,18 @@ def _packed_table(device: torch.device) -> torch.Tensor:
 
 def launch_decode(batch: DecodeBatch) -> None:
     """Run the rANS decode kernel over every segment of the batch (asynchronous)."""
+    import triton
+
     from kvwire.kernels import triton_rans as tr
 
     buf = batch.staged.buf
     block = _block(batch.max_lanes)
-    tr.decode_kernel[(len(batch.status),)](
+    S = len(batch.status)
+    segs = TUNING["rans_segs"]
+    tr.decode_kernel[(triton.cdiv(S, segs),)](
         buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
-        batch.classes, batch.q, _packed_table(buf.device), batch.status, batch.d,
-        BLOCK=block, num_warps=max(1, block // 32), **tr.DECODE_CONSTANTS,
+        batch.classes, batch.q, _packed_table(buf.device), batch.status, S, batch.d,
+        SEGS=segs, BLOCK=block, num_warps=TUNING["rans_warps"], **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 
@@ -447,7 +460,7 @@ def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
         sizes[h.dtype] = max(sizes.get(h.dtype, 0), o + h.elements)
     outs = {name: torch.empty(n, dtype=codec._TORCH_DTYPES[name], device=dev) for name, n in sizes.items()}
     dp = batch.dp
-    BT = 64
+    BT = TUNING["recon_bt"]
     for name, out in outs.items():
         sel = [i for i, (h, _) in enumerate(parsed) if h.dtype == name]
         first = sum(batch.n_seg[: sel[0]])
@@ -462,7 +475,8 @@ def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
                 batch.q, batch.recon_meta[a:b], batch.scale[a:b], batch.n_live[a:b], batch.classes[a:b],
                 dp.b0, dp.b1, dp.mean, batch.cos, batch.sin, out, d, SP, G,
                 HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
-                HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=4, enable_fp_fusion=False,
+                HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=TUNING["recon_warps"],
+                enable_fp_fusion=False,
             )  # fmt: skip
     views = zip(parsed, batch.out_base, strict=True)
     return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
@@ -518,9 +532,9 @@ def _reconstruct_run(
     h0 = parsed[0][0]
     B, L, G, hpg, D = len(parsed), h0.layers, h0.groups, h0.heads_per_group, h0.head_dim
     T, d, S = h0.n_tokens, h0.group_dim, h0.segments
-    q = q_flat[base : base + B * S * d * T].view(B, S, d, T)
+    q = q_flat[base : base + B * S * d * T].view(B, S, T, d)
     # Exact: integer coefficients times integer basis, partial sums far below 2**53.
-    acc = torch.matmul(q.transpose(-1, -2).to(torch.float64), dp.basis)  # [B, S, T, d]
+    acc = torch.matmul(q.to(torch.float64), dp.basis)  # [B, S, T, d]
     mant = np.stack([sec.step_mant.astype(np.float64) for _, sec in parsed])
     exp = np.stack([sec.step_exp.astype(np.int64) for _, sec in parsed]) + dp.basis_exp[None]
     scale = torch.from_numpy(np.ldexp(mant, -exp)).to(device)  # exact: 8-bit mantissa x power of two

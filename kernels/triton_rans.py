@@ -37,44 +37,52 @@ def decode_kernel(
     live_ptr,  # int32 [S, D]: live components in order, then padding
     n_live_ptr,  # int32 [S]
     classes_ptr,  # uint8 [S, D]
-    out_ptr,  # int32: segment s's live rows of [D, tokens] at its out offset (dead rows untouched)
+    out_ptr,  # int32: segment s's [tokens, D] block at its out offset (dead columns untouched)
     table_ptr,  # int32 [n_tables, PROB_SCALE]: packed symbol | freq << 6 | (slot - cum) << 19
     status_ptr,  # int32 [S]
+    S,
     D,
+    SEGS: tl.constexpr,  # segments per program, each its own row of lanes
     BLOCK: tl.constexpr,
     PROB_BITS: tl.constexpr,
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
 ):
-    seg = tl.program_id(0).to(tl.int64)
-    ptr = tl.load(meta_ptr + seg * 6)
-    end = tl.load(meta_ptr + seg * 6 + 1)
-    state_base = tl.load(meta_ptr + seg * 6 + 2)
-    lanes = tl.load(meta_ptr + seg * 6 + 3).to(tl.int32)
-    n_tok = tl.load(meta_ptr + seg * 6 + 4).to(tl.int32)
-    out_base = tl.load(meta_ptr + seg * 6 + 5)
-    n_live = tl.load(n_live_ptr + seg)
+    seg = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS).to(tl.int64)  # [SEGS]
+    seg_on = seg < S
+    meta = meta_ptr + seg * 6
+    ptr = tl.load(meta, mask=seg_on, other=0)
+    end = tl.load(meta + 1, mask=seg_on, other=0)
+    state_base = tl.load(meta + 2, mask=seg_on, other=0)
+    lanes = tl.load(meta + 3, mask=seg_on, other=0).to(tl.int32)
+    n_tok = tl.load(meta + 4, mask=seg_on, other=0).to(tl.int32)
+    out_base = tl.load(meta + 5, mask=seg_on, other=0)
+    n_live = tl.load(n_live_ptr + seg, mask=seg_on, other=0)
     active = tl.minimum(lanes, n_live)
     g = tl.arange(0, BLOCK)
-    lane_on = g < active
+    lane_on = g[None, :] < active[:, None]  # [SEGS, BLOCK]
     # States are < 2**32 and every step keeps them there (f * (x >> 12) + slot - cum < f * 2**20), so
     # uint32 arithmetic is exact.
-    x = tl.load(states_ptr + state_base + g, mask=lane_on, other=65536).to(tl.uint32, bitcast=True)
-    status = tl.where(tl.sum((x < 65536).to(tl.int32), axis=0) > 0, 1, 0)
-    overrun = ptr < 0  # a scalar False of the right type
+    x = tl.load(states_ptr + state_base[:, None] + g[None, :], mask=lane_on, other=65536)
+    x = x.to(tl.uint32, bitcast=True)
+    status = tl.where(tl.sum((x < 65536).to(tl.int32), axis=1) > 0, 1, 0)
+    overrun = ptr < 0  # False, [SEGS]
     n_blocks = tl.cdiv(n_live, tl.maximum(active, 1))
-    zero = tl.zeros((BLOCK,), tl.uint32)
+    max_blocks = tl.max(n_blocks, axis=0)
+    max_tok = tl.max(n_tok, axis=0)
+    zero = tl.zeros((SEGS, BLOCK), tl.uint32)
     # While loops, not range(): the interpreter cannot take a loaded scalar as a range bound.
     j = 0
-    while j < n_blocks:
-        idx = j * active + g
-        on = lane_on & (idx < n_live)
-        comp = tl.load(live_ptr + seg * D + idx, mask=on, other=0)
-        cl = tl.load(classes_ptr + seg * D + comp, mask=on, other=0).to(tl.int64)
+    while j < max_blocks:
+        idx = j * active[:, None] + g[None, :]
+        on_j = lane_on & (idx < n_live[:, None])
+        comp = tl.load(live_ptr + seg[:, None] * D + idx, mask=on_j, other=0)
+        cl = tl.load(classes_ptr + seg[:, None] * D + comp, mask=on_j, other=0).to(tl.int64)
         row_table = table_ptr + (cl << PROB_BITS)
-        out_row = out_ptr + out_base + comp.to(tl.int64) * n_tok
+        out_col = out_ptr + out_base[:, None] + comp.to(tl.int64)
         t = 0
-        while t < n_tok:
+        while t < max_tok:
+            on = on_j & (t < n_tok[:, None])
             slot = x & ((1 << PROB_BITS) - 1)
             e = tl.load(row_table + slot, mask=on, other=0).to(tl.uint32, bitcast=True)
             sym = (e & 63).to(tl.int32)
@@ -88,29 +96,29 @@ def decode_kernel(
             need1 = need1 & on
             need2 = need2 & on
             count = need1.to(tl.int32) + need2.to(tl.int32)
-            before = tl.cumsum(count, axis=0) - count
-            total = tl.sum(count, axis=0)
-            p1 = ptr + before
-            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end), other=0).to(tl.uint16, bitcast=True)
-            xs = tl.where(need1, (xs << 16) | w1.to(tl.uint32), xs)
+            before = tl.cumsum(count, axis=1) - count
+            total = tl.sum(count, axis=1)
+            p1 = ptr[:, None] + before
+            w1 = tl.load(words_ptr + p1, mask=need1 & (p1 < end[:, None]), other=0)
+            xs = tl.where(need1, (xs << 16) | w1.to(tl.uint16, bitcast=True).to(tl.uint32), xs)
             raw = (xs & (low - 1)).to(tl.int32)
             xs = xs >> nbu
             p2 = p1 + need1.to(tl.int64)
-            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end), other=0).to(tl.uint16, bitcast=True)
-            xs = tl.where(need2, (xs << 16) | w2.to(tl.uint32), xs)
+            w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end[:, None]), other=0)
+            xs = tl.where(need2, (xs << 16) | w2.to(tl.uint16, bitcast=True).to(tl.uint32), xs)
             overrun = overrun | (ptr + total > end)
             ptr = ptr + total
             mag = (1 << nb) + raw
             r = sym - (2 * DIRECT_MAX + 1)
             value = tl.where(big, tl.where((r & 1) != 0, -mag, mag), sym - DIRECT_MAX)
-            tl.store(out_row + t, value, mask=on)
+            tl.store(out_col + t * D, value, mask=on)
             x = tl.where(on, xs, x)
             t += 1
         j += 1
-    bad_end = tl.sum((lane_on & (x != 65536)).to(tl.int32), axis=0) > 0
+    bad_end = tl.sum((lane_on & (x != 65536)).to(tl.int32), axis=1) > 0
     late = tl.where(overrun, 2, tl.where(ptr != end, 3, tl.where(bad_end, 4, 0)))
     status = tl.where(status != 0, status, late)
-    tl.store(status_ptr + seg, status)
+    tl.store(status_ptr + seg, status, mask=seg_on)
 
 
 @triton.jit

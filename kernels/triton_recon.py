@@ -80,7 +80,7 @@ def _to_out(x, OUT_TY: tl.constexpr):
 
 @triton.jit
 def reconstruct_kernel(
-    q_ptr,  # int32: per segment a [d, tokens] block (rows of dead components hold garbage)
+    q_ptr,  # int32: per segment a [tokens, d] block (columns of dead components hold garbage)
     meta_ptr,  # int64 [S, 4]: q offset, out offset (head 0 of the group), tokens, token start
     scale_ptr,  # float64 [S]: mant * 2**-(exp + basis_exp), exact
     n_live_ptr,  # int32 [S]
@@ -117,7 +117,7 @@ def reconstruct_kernel(
         kmask = k < d
         live = tl.load(classes_ptr + seg * d + k, mask=kmask, other=0) != 0
         q = tl.load(
-            q_ptr + q_off + k[None, :].to(tl.int64) * n_tok + t[:, None],
+            q_ptr + q_off + t[:, None].to(tl.int64) * d + k[None, :],
             mask=tmask[:, None] & live[None, :],
             other=0,
         )

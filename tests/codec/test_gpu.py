@@ -121,8 +121,13 @@ def test_gpu_decode_heads_per_group_one(profile_hpg1: CalibrationProfile) -> Non
     assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
 
 
-def test_batch_decode_in_one_launch(profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of different lengths, positions, dtypes and lane counts: one rANS launch, CPU-equal results."""
+@pytest.mark.parametrize("segs", [1, 32])
+def test_batch_decode_in_one_launch(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch, segs: int
+) -> None:
+    """Chunks of different lengths, positions, dtypes and lane counts: one rANS launch, CPU-equal results
+    (also with several segments of different lengths per kernel program)."""
+    monkeypatch.setitem(gpu.TUNING, "rans_segs", segs)
     specs = [
         (4, 0, torch.float16, 32),
         (4, 4, torch.float16, 5),
