@@ -171,6 +171,76 @@ def _decode_row(
     )
 
 
+def tune(out_dir: Path) -> None:
+    """Sweep the kernels' launch shapes (gpu.TUNING) on Llama level 2 and SmolLM2; check each output."""
+    dev = torch.device("cuda")
+    lines = [
+        "| model | lanes | chunks | kernel | setting | ms | same bits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in SHAPES:
+        L, H, D, _hpg, base = SHAPES[name]
+        profile = make_profile(name)
+        kv = synthetic_kv(L, H, CHUNK * 64, D, base, seed=2, device="cuda").to(torch.bfloat16)
+        chunks = [kv[:, :, :, i * CHUNK : (i + 1) * CHUNK].contiguous() for i in range(64)]
+        del kv
+        for lanes in (32, 128):
+            data: list[bytes] = []
+            for i in range(0, 64, 32):
+                starts = [CHUNK * j for j in range(i, i + 32)]
+                encs = gpu.encode_chunks_gpu(
+                    chunks[i : i + 32], profile, level=2, token_starts=starts, lanes=lanes
+                )
+                data.extend(e.data for e in encs)
+            for b in (1, 64):
+                staged = gpu.stage_chunks(data[:b], profile, dev)
+                gpu.TUNING.update(rans_segs=1, rans_warps=1, recon_bt=64, recon_warps=4)
+                batch = gpu.prepare_decode(staged, profile)
+                gpu.launch_decode(batch)
+                ref_q = batch.q.clone()
+                ref = [o.clone() for o in gpu.launch_reconstruct(batch)]
+                for segs in (1, 2, 4, 8):
+                    for warps in (1, 2, 4):
+                        gpu.TUNING.update(rans_segs=segs, rans_warps=warps)
+                        t = events(functools.partial(gpu.launch_decode, batch), 5)
+                        same = all(
+                            torch.equal(batch.q[o : o + n], ref_q[o : o + n]) for o, n in _q_spans(batch)
+                        )
+                        lines.append(
+                            f"| {name} | {lanes} | {b} | rANS | segs {segs} warps {warps} "
+                            f"| {t * 1e3:.3f} | {same} |"
+                        )
+                        print(lines[-1], flush=True)
+                gpu.TUNING.update(rans_segs=1, rans_warps=1)
+                gpu.launch_decode(batch)
+                for bt in (16, 32, 64, 128):
+                    for warps in (2, 4, 8):
+                        gpu.TUNING.update(recon_bt=bt, recon_warps=warps)
+                        try:
+                            t = events(functools.partial(gpu.launch_reconstruct, batch), 5)
+                            outs = gpu.launch_reconstruct(batch)
+                            same = all(torch.equal(a, r) for a, r in zip(outs, ref, strict=True))
+                        except Exception as exc:  # e.g. out of shared memory
+                            t, same = float("nan"), f"{type(exc).__name__}"
+                        lines.append(
+                            f"| {name} | {lanes} | {b} | recon | BT {bt} warps {warps} "
+                            f"| {t * 1e3:.3f} | {same} |"
+                        )
+                        print(lines[-1], flush=True)
+                gpu.TUNING.update(rans_segs=1, rans_warps=1, recon_bt=64, recon_warps=4)
+                del batch, staged, ref, ref_q
+                torch.cuda.empty_cache()
+                (out_dir / "gpu_tune.md").write_text("\n".join(lines) + "\n")
+
+
+def _q_spans(batch: gpu.DecodeBatch) -> list[tuple[int, int]]:
+    """Where each chunk's coefficients sit in ``batch.q`` (the rest of the buffer is never written)."""
+    return [
+        (o, h.segments * h.group_dim * h.n_tokens)
+        for (h, _), o in zip(batch.staged.parsed, batch.q_base, strict=True)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -178,7 +248,12 @@ def main() -> None:
     parser.add_argument("--levels", default="0,1,2,3,4")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-chunks", type=int, default=64)
+    parser.add_argument("--tune", action="store_true", help="sweep the kernels' launch shapes instead")
     args = parser.parse_args()
+    if args.tune:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        tune(Path(args.out))
+        return
     t_start = time.perf_counter()
     dev = args.device
     import triton
