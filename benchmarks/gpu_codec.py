@@ -194,12 +194,12 @@ def tune(out_dir: Path) -> None:
                 data.extend(e.data for e in encs)
             for b in (1, 64):
                 staged = gpu.stage_chunks(data[:b], profile, dev)
-                gpu.TUNING.update(rans_segs=1, rans_warps=1, recon_bt=64, recon_warps=4)
+                gpu.TUNING.update(rans_segs=1, rans_warps=0, recon_bt=64, recon_warps=4)
                 batch = gpu.prepare_decode(staged, profile)
                 gpu.launch_decode(batch)
                 ref_q = batch.q.clone()
                 ref = [o.clone() for o in gpu.launch_reconstruct(batch)]
-                for segs in (1, 2, 4, 8):
+                for segs in (1, 2):
                     for warps in (1, 2, 4):
                         gpu.TUNING.update(rans_segs=segs, rans_warps=warps)
                         t = events(functools.partial(gpu.launch_decode, batch), 5)
@@ -211,10 +211,10 @@ def tune(out_dir: Path) -> None:
                             f"| {t * 1e3:.3f} | {same} |"
                         )
                         print(lines[-1], flush=True)
-                gpu.TUNING.update(rans_segs=1, rans_warps=1)
+                gpu.TUNING.update(rans_segs=1, rans_warps=0)
                 gpu.launch_decode(batch)
-                for bt in (16, 32, 64, 128):
-                    for warps in (2, 4, 8):
+                for bt, warps in ((32, 4), (64, 4), (64, 8), (128, 8)):
+                    for _ in (0,):
                         gpu.TUNING.update(recon_bt=bt, recon_warps=warps)
                         try:
                             t = events(functools.partial(gpu.launch_reconstruct, batch), 5)
@@ -227,7 +227,7 @@ def tune(out_dir: Path) -> None:
                             f"| {t * 1e3:.3f} | {same} |"
                         )
                         print(lines[-1], flush=True)
-                gpu.TUNING.update(rans_segs=1, rans_warps=1, recon_bt=64, recon_warps=4)
+                gpu.TUNING.update(rans_segs=1, rans_warps=0, recon_bt=64, recon_warps=4)
                 del batch, staged, ref, ref_q
                 torch.cuda.empty_cache()
                 (out_dir / "gpu_tune.md").write_text("\n".join(lines) + "\n")

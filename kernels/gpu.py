@@ -37,7 +37,8 @@ from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 from kvwire.kernels.transform import rope_tables
 
 # Launch shapes (measured on an H200, see docs/gpu.md); module-level so that benchmarks can sweep them.
-TUNING = {"rans_segs": 1, "rans_warps": 1, "recon_bt": 64, "recon_warps": 4}
+# rans_warps 0: chosen per launch (wide lane vectors over several warps below rans_few segments).
+TUNING = {"rans_segs": 1, "rans_warps": 0, "rans_few": 2048, "recon_bt": 64, "recon_warps": 4}
 _STATUS_TEXT = {1: "bad initial state", 2: "overrun", 3: "unread words", 4: "bad final state"}
 
 
@@ -268,10 +269,26 @@ def decode_staged(
         check_status(batch)
         outs = _reconstruct_unfused(batch, profile)
     results = []
-    for (h, sec), out in zip(staged.parsed, outs, strict=True):
-        _overwrite_raw_gpu(out, h, sec)
+    for i, out in enumerate(outs):
+        _overwrite_raw_staged(out, staged, i)
         results.append(out if dtype is None or dtype == out.dtype else out.to(dtype))
     return results
+
+
+def _overwrite_raw_staged(result: torch.Tensor, staged: StagedBatch, i: int) -> None:
+    """Put a chunk's raw rows in place, read straight from its bytes on the device (no upload)."""
+    h = staged.parsed[i][0]
+    if h.n_raw == 0:
+        return
+    off = fmt.section_offsets(h)
+    base = staged.base[i]
+    index = staged.buf[base + off["raw_index"] : base + off["raw_index"] + 4 * h.n_raw].view(torch.int32)
+    nbytes = h.n_raw * h.kv_heads * h.head_dim * fmt.DTYPE_BYTES[h.dtype]
+    values = staged.buf[base + off["raw_values"] : base + off["raw_values"] + nbytes].view(result.dtype)
+    idx = index.to(torch.int64)  # validated on the host: increasing, below layers * 2 * tokens
+    layer, rest = idx // (2 * h.n_tokens), idx % (2 * h.n_tokens)
+    kv, tok = rest // h.n_tokens, rest % h.n_tokens
+    result[layer, kv, :, tok, :] = values.view(h.n_raw, h.kv_heads, h.head_dim)
 
 
 @dataclass(frozen=True)
@@ -349,7 +366,11 @@ def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBa
         s0, q0 = s1, q0 + h.segments * d * h.n_tokens
     meta = np.concatenate([rans_meta.ravel(), recon_meta.ravel(), scale.view(np.int64)])
     meta_d = torch.from_numpy(meta).to(dev)
-    classes = torch.from_numpy(np.concatenate([sec.classes for _, sec in parsed])).to(dev)
+    class_parts = [  # each chunk's classes, viewed in its bytes on the device
+        staged.buf[b + fmt.section_offsets(h)["classes"] :][: h.segments * d].view(h.segments, d)
+        for (h, _), b in zip(parsed, staged.base, strict=True)
+    ]
+    classes = class_parts[0] if len(class_parts) == 1 else torch.cat(class_parts)
     live, n_live = _live_lists(classes)
     fused = _fusable(profile)
     q = (torch.empty if fused else torch.zeros)(q0 + 1, dtype=torch.int32, device=dev)
@@ -438,10 +459,14 @@ def launch_decode(batch: DecodeBatch) -> None:
     block = _block(batch.max_lanes)
     S = len(batch.status)
     segs = TUNING["rans_segs"]
+    # Few segments (one chunk): spread wide lane vectors over warps for latency; many: one warp each,
+    # for occupancy (measured, docs/gpu.md).
+    few = TUNING["rans_few"] > S
+    warps = TUNING["rans_warps"] or (max(1, min(4, block // 32)) if few else 1)
     tr.decode_kernel[(triton.cdiv(S, segs),)](
         buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
         batch.classes, batch.q, _packed_table(buf.device), batch.status, S, batch.d,
-        SEGS=segs, BLOCK=block, num_warps=TUNING["rans_warps"], **tr.DECODE_CONSTANTS,
+        SEGS=segs, BLOCK=block, num_warps=warps, **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 

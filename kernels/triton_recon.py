@@ -7,11 +7,12 @@ reconstruction (``codec.reconstruct``, docs/format.md) bit for bit:
 - the coefficient-basis product is computed *exactly* in integers on the tensor cores: coefficients
   (|q| < 2**16) and basis (|B| < 2**14) are split into signed 8-bit digits (q = q0 + q1 * 2**7 +
   q2 * 2**14, B = B0 + B1 * 2**7 with q0, q1, B0 in 0..127), each digit product is an int8 dot with
-  int32 accumulation (exact: at most 8192 * 2**14 < 2**31), and the digit sums are combined in int64. A
-  tile whose coefficients all fit in int8 (the usual case) takes two dots instead of six;
-- times the step's mantissa (still an integer below 2**53), then one float64 multiply by the step's
-  power-of-two scale (exact), then a round-to-nearest cast to float32: the same value the CPU's exact
-  float64 GEMM rounds;
+  int32 accumulation (exact: at most 8192 * 2**14 < 2**31), and the digit sums are combined in float64
+  (exact: integers below 2**53). A tile whose coefficients all fit in int8 (the usual case) takes two
+  dots instead of six;
+- times the step's scale ``mant * 2**-(exp + basis_exp)`` in one float64 multiply (exact: the integer
+  sum times ``mant`` is below 2**53), then a round-to-nearest cast to float32: the same value the CPU's
+  exact float64 GEMM rounds;
 - ``+ mean`` in float32; a segment without live components copies the mean as the CPU does;
 - keys: RoPE with the host's float32 cos/sin tables, each multiply and the add rounded separately (the
   caller launches with ``enable_fp_fusion=False``, so nothing is contracted into an FMA);
@@ -29,23 +30,25 @@ import triton.language as tl
 
 @triton.jit
 def _digit_product(q, b0, b1, SMALL: tl.constexpr):
-    """Exact sum over components of q * (b0 + b1 * 2**7) as int64 [BT, HALFP]."""
+    """Exact sum over components of q * (b0 + b1 * 2**7) as float64 [BT, HALFP].
+
+    Every digit dot is an exact int32; every partial sum below is an integer below 2**53, so the float64
+    additions (in any order) are exact too.
+    """
     if SMALL:
         qa = q.to(tl.int8)
-        d0 = tl.dot(qa, b0, out_dtype=tl.int32).to(tl.int64)
-        d1 = tl.dot(qa, b1, out_dtype=tl.int32).to(tl.int64)
-        res = d0 + (d1 << 7)
+        res = tl.dot(qa, b0, out_dtype=tl.int32).to(tl.float64)
+        res += tl.dot(qa, b1, out_dtype=tl.int32).to(tl.float64) * 128.0
     else:
         q0 = (q & 127).to(tl.int8)
         q1 = ((q >> 7) & 127).to(tl.int8)
         q2 = (q >> 14).to(tl.int8)
-        d00 = tl.dot(q0, b0, out_dtype=tl.int32).to(tl.int64)
-        d01 = tl.dot(q0, b1, out_dtype=tl.int32).to(tl.int64)
-        d10 = tl.dot(q1, b0, out_dtype=tl.int32).to(tl.int64)
-        d11 = tl.dot(q1, b1, out_dtype=tl.int32).to(tl.int64)
-        d20 = tl.dot(q2, b0, out_dtype=tl.int32).to(tl.int64)
-        d21 = tl.dot(q2, b1, out_dtype=tl.int32).to(tl.int64)
-        res = d00 + ((d01 + d10) << 7) + ((d11 + d20) << 14) + (d21 << 21)
+        res = tl.dot(q0, b0, out_dtype=tl.int32).to(tl.float64)
+        mid = tl.dot(q0, b1, out_dtype=tl.int32) + tl.dot(q1, b0, out_dtype=tl.int32)
+        res += mid.to(tl.float64) * 128.0
+        mid = tl.dot(q1, b1, out_dtype=tl.int32) + tl.dot(q2, b0, out_dtype=tl.int32)
+        res += mid.to(tl.float64) * 16384.0
+        res += tl.dot(q2, b1, out_dtype=tl.int32).to(tl.float64) * 2097152.0
     return res
 
 
@@ -130,9 +133,9 @@ def reconstruct_kernel(
         b1 = b1_ptr + bbase
         lo = _half(q, b0, b1, col_lo, kmask, jmask, d, big, KP)
         hi = _half(q, b0, b1, col_lo + HALF, kmask, jmask, d, big, KP)
-        # Exact in float64 (an integer below 2**53 times a power-of-two multiple), then rounded once.
-        y_lo = (lo.to(tl.float64) * scale).to(tl.float32)
-        y_hi = (hi.to(tl.float64) * scale).to(tl.float32)
+        # Exact in float64 (an integer below 2**53 times mant * 2**-e), then rounded once.
+        y_lo = (lo * scale).to(tl.float32)
+        y_hi = (hi * scale).to(tl.float32)
         mean_lo = tl.load(mean_ptr + ps * d + col_lo, mask=jmask, other=0.0)
         mean_hi = tl.load(mean_ptr + ps * d + col_lo + HALF, mask=jmask, other=0.0)
         dead = n_live == 0
