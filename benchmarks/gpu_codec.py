@@ -171,6 +171,46 @@ def _decode_row(
     )
 
 
+def stage_breakdown(streams: list[bytes], reps: int = 5) -> str:
+    """Where staging time goes for a batch: threaded CRC alone, threaded copy to pinned memory alone,
+    one H2D copy of the pinned bytes, and a single-threaded CRC, each a median wall time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    views = [memoryview(x) for x in streams]
+    total = sum(len(v) for v in views)
+    pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    host = pinned.numpy()
+    dev_buf = torch.empty(total, dtype=torch.uint8, device="cuda")
+    offs = np.cumsum([0] + [len(v) for v in views])
+    piece = 1 << 20
+    jobs = [(i, lo) for i, v in enumerate(views) for lo in range(0, len(v), piece)]
+    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+
+    def crc_all() -> None:
+        list(pool.map(lambda j: fmt.crc32(views[j[0]][j[1] : j[1] + piece]), jobs))
+
+    def copy_all() -> None:
+        def one(j: tuple[int, int]) -> None:
+            i, lo = j
+            hi = min(lo + piece, len(views[i]))
+            host[offs[i] + lo : offs[i] + hi] = np.frombuffer(views[i][lo:hi], dtype=np.uint8)
+
+        list(pool.map(one, jobs))
+
+    t_crc = wall(crc_all, reps)
+    t_copy = wall(copy_all, reps)
+    t_h2d = wall(functools.partial(dev_buf.copy_, pinned, non_blocking=True), reps)
+    t_one = wall(lambda: [fmt.crc32(v) for v in views], 3)
+    gb = total / 1e9
+    return (
+        f"staging breakdown, {len(streams)} chunks, {gb:.3f} GB, {os.cpu_count()} cores, crc32 = "
+        f"{fmt.crc32.__module__}.{fmt.crc32.__name__}: threaded CRC {t_crc * 1e3:.1f} ms "
+        f"({gb / t_crc:.1f} GB/s), threaded copy to pinned {t_copy * 1e3:.1f} ms ({gb / t_copy:.1f} GB/s), "
+        f"H2D from pinned {t_h2d * 1e3:.1f} ms ({gb / t_h2d:.1f} GB/s), one-thread CRC {t_one * 1e3:.1f} ms "
+        f"({gb / t_one:.1f} GB/s)"
+    )
+
+
 def tune(out_dir: Path) -> None:
     """Sweep the kernels' launch shapes (gpu.TUNING) on Llama level 2 and SmolLM2; check each output."""
     dev = torch.device("cuda")
@@ -286,7 +326,7 @@ def main() -> None:
                 "| what | model | chunks | ms | GB/s |",
                 "|---|---|---|---|---|",
                 *base_rows,
-                "\n## Bit-exactness on this GPU (one chunk per level)\n",
+                "\n## Bit-exactness on this GPU (one chunk per level); staging breakdown\n",
                 *exact_rows,
                 "",
             ]
@@ -368,6 +408,9 @@ def main() -> None:
                         f"| {elt * 2 / t / 1e9:.2f} out |"
                     )
                 cpu_done = True
+            if level == 2:
+                exact_rows.append("- " + stage_breakdown(data))
+                print(exact_rows[-1], flush=True)
             variants = [(32, data)]
             if level == 2 and name.startswith("Llama"):
                 starts8 = [CHUNK * j for j in range(8)]
