@@ -399,7 +399,7 @@ def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBa
 
 
 _ROPE_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-_ROPE_CACHED_POSITIONS = 1 << 20  # positions below this share one cached table per profile and device
+_ROPE_CACHED_POSITIONS = 1 << 18  # positions below this share one cached table per profile and device
 
 
 def _rope_rows(
@@ -407,7 +407,7 @@ def _rope_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """cos/sin tables (float32 [rows, rotary_dim / 2], the host's ``rope_tables``) and each chunk's first row.
 
-    Positions below 2**20 index one table per profile and device, grown by powers of two and kept;
+    Positions below 2**18 index one table per profile and device, grown by powers of two and kept;
     a batch reaching beyond gets its own table of just its positions.
     """
     dev = staged.buf.device
@@ -418,14 +418,16 @@ def _rope_rows(
     ends = [h.token_start + h.n_tokens for h, _ in staged.parsed]
     if max(ends) <= _ROPE_CACHED_POSITIONS:
         key = (profile.digest, str(dev))
-        cos, sin = _ROPE_CACHE.get(key, (None, None))
-        if cos is None or cos.shape[0] < max(ends):
+        cached = _ROPE_CACHE.get(key)
+        if cached is None or cached[0].shape[0] < max(ends):
             n = max(4096, 1 << (max(ends) - 1).bit_length())
             c, s = rope_tables(np.arange(n), profile.inv_freq, profile.rope_scaling)
-            cos = torch.from_numpy(np.ascontiguousarray(c[:, :half])).to(dev)
-            sin = torch.from_numpy(np.ascontiguousarray(s[:, :half])).to(dev)
-            _ROPE_CACHE[key] = (cos, sin)
-        return cos, sin, [h.token_start for h, _ in staged.parsed]
+            cached = (
+                torch.from_numpy(np.ascontiguousarray(c[:, :half])).to(dev),
+                torch.from_numpy(np.ascontiguousarray(s[:, :half])).to(dev),
+            )
+            _ROPE_CACHE[key] = cached
+        return cached[0], cached[1], [h.token_start for h, _ in staged.parsed]
     scaling = profile.rope_scaling
     parts = [
         rope_tables(np.arange(h.token_start, h.token_start + h.n_tokens), profile.inv_freq, scaling)

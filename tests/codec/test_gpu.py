@@ -316,3 +316,18 @@ def test_threaded_checksums_in_pieces_and_whole(
     monkeypatch.setattr(gpu, "prepare_decode", no_launch)
     with pytest.raises(CorruptChunkError, match="chunk 1 checksum"):
         gpu.decode_chunks_gpu([chunk_bytes, bytes(bad)], profile, device=DEV)
+
+
+def test_positions_beyond_the_cached_rope_table(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks past the cached cos/sin range get per-batch tables: same bits as the CPU path."""
+    monkeypatch.setattr(gpu, "_ROPE_CACHED_POSITIONS", 8)
+    chunks = [
+        codec.encode_chunk(_kv(3, 30 + s, torch.float16), profile, level=2, token_start=s, backend="cpu").data
+        for s in (2, 70000)
+    ]
+    got = gpu.decode_chunks_gpu(chunks, profile, device=DEV)
+    for data, y in zip(chunks, got, strict=True):
+        ref = codec.decode_chunk(data, profile, backend="cpu")
+        assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
