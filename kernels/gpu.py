@@ -168,8 +168,9 @@ def stage_chunks(
     """Validate every chunk (header, sizes, profile, checksum) and upload all their bytes at once.
 
     Headers and section bounds are checked on the calling thread; the CRC-32s run in a thread pool, each
-    thread also copying its bytes into one pinned buffer, which then moves to the device in one
-    transfer. Nothing reaches the device unless every chunk passed.
+    thread also copying its bytes into one reused pinned buffer; each chunk's upload starts as soon as
+    its bytes are there, overlapping the later chunks' checksums. A bad checksum raises before the
+    caller can launch anything. The pinned buffer keeps the size of the largest batch seen.
     """
     parsed = [codec.validate_chunk(c, profile, model_fingerprint, verify_crc=False) for c in chunks]
     views = [memoryview(c).cast("B") for c in chunks]
