@@ -7,7 +7,6 @@ else. See docs/service.md for the endpoints.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Annotated, Any
@@ -32,7 +31,8 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
-from kvwire.server.config import ServiceSettings, hash_api_key
+from kvwire.server.auth import AccessControl
+from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import Job
 from kvwire.server.service import ContextManifest, KvwireService, LevelEntry
 
@@ -59,8 +59,8 @@ def kvwire_error_response(exc: KvwireError) -> JSONResponse:
     for cls, status in ERROR_STATUS:
         if isinstance(exc, cls):
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            if status == 429:
-                headers = {"Retry-After": "5"}
+            if isinstance(exc, RateLimitError):
+                headers = {"Retry-After": str(exc.retry_after_s)}
             return error_response(status, type(exc).__name__, str(exc), headers)
     # Corrupt stored data, model/profile mismatches: a server-side fault, reported without internals.
     log.error("internal kvwire error: %s: %s", type(exc).__name__, exc)
@@ -213,6 +213,13 @@ class IngestBody(BaseModel):
     context_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
+class ContextList(BaseModel):
+    """One page of the caller's context ids, sorted; pass ``next_after`` as ``after`` for the next."""
+
+    context_ids: list[str]
+    next_after: str | None = None
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -229,7 +236,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or invalid API key"),
         (404, "unknown id (or another tenant's)"),
         (413, "request or context too large"),
-        (429, "too many pending jobs"),
+        (429, "rate limit, or too many pending jobs (Retry-After)"),
         (503, "storage or job queue unavailable"),
     )
 }
@@ -240,31 +247,24 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 
 
 def authenticate(request: Request) -> str:
-    """The tenant of the request's bearer key (or the default tenant when no keys are configured)."""
-    settings: ServiceSettings = request.app.state.settings
-    if not settings.auth_enabled:
-        return settings.default_tenant
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise AuthError("missing 'Authorization: Bearer <key>' header")
-    digest = hash_api_key(key.strip())
-    tenant = None
-    for known, name in settings.api_keys.items():  # constant-time compare against every stored hash
-        if hmac.compare_digest(known, digest):
-            tenant = name
-    if tenant is None:
-        raise AuthError("invalid API key")
-    return tenant
+    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``)."""
+    access: AccessControl = request.app.state.access
+    return access.admit(request.headers.get("authorization"))
 
 
 Tenant = Annotated[str, Depends(authenticate)]
+PageLimit = Annotated[int, Query(ge=0, description="ids per page, at most max_list_contexts; 0: 100")]
+PageAfter = Annotated[str | None, Query(max_length=128, description="the previous page's next_after")]
 
 
 # ----------------------------------------------------------------------------------------------- app
 
 
-def create_app(service: KvwireService, settings: ServiceSettings | None = None) -> FastAPI:
-    """The REST app over ``service``; ``settings`` defaults to the service's."""
+def create_app(
+    service: KvwireService, settings: ServiceSettings | None = None, access: AccessControl | None = None
+) -> FastAPI:
+    """The REST app over ``service``; ``settings`` defaults to the service's, ``access`` (keys and
+    rate limits, shared with a gRPC server of the same process) to one built from ``settings``."""
     settings = settings or service.settings
     metrics = Metrics(service)
     app = FastAPI(
@@ -274,6 +274,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
     )
     app.state.service = service
     app.state.settings = settings
+    app.state.access = access or AccessControl(settings)
     app.state.metrics = metrics
 
     # -- errors, mapped once
@@ -324,6 +325,23 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
             return JSONResponse(result.to_dict(), status_code=202, headers=location)
         metrics.ingests.labels("inline").inc()
         return JSONResponse(result.to_dict(), status_code=201)
+
+    default_page = min(100, settings.max_list_contexts)
+
+    @app.get(
+        "/v1/contexts",
+        response_model=ContextList,
+        responses=_ERRORS,
+        summary="List the caller's contexts (ids, sorted, paged)",
+    )
+    async def list_contexts(
+        tenant: Tenant,
+        limit: PageLimit = 0,
+        after: PageAfter = None,
+    ) -> Any:
+        limit = limit or default_page
+        ids, next_after = await run_in_threadpool(service.list_contexts, tenant, limit=limit, after=after)
+        return JSONResponse({"context_ids": ids, "next_after": next_after})
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=_ERRORS, summary="Ingest job state")
     async def get_job(job_id: str, tenant: Tenant) -> Any:
@@ -429,10 +447,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_tls_files(settings: ServiceSettings) -> None:
+    """Refuse, with a clear error, TLS settings whose files cannot be read as a PEM cert and key."""
+    if not settings.tls_enabled:
+        return
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(settings.tls_certfile), str(settings.tls_keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInputError(
+            f"cannot load TLS certificate {settings.tls_certfile} / key {settings.tls_keyfile}: {exc}"
+        ) from exc
+
+
 def serve(settings: ServiceSettings | None = None) -> None:
     """Build the service from ``settings`` and run the REST API with uvicorn until interrupted.
 
-    With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it.
+    With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it;
+    with ``tls_certfile``/``tls_keyfile`` set, both serve TLS only.
     """
     import uvicorn
 
@@ -444,14 +478,25 @@ def serve(settings: ServiceSettings | None = None) -> None:
             f"refusing to serve without API keys on {settings.host}: set KVWIRE_API_KEYS "
             "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
         )
+    check_tls_files(settings)
     service = build_service(settings)
+    access = AccessControl(settings)  # one rate-limit bucket per key across both APIs
     grpc_server = None
     try:
         if settings.grpc_port is not None:  # the gRPC API shares the process, service and worker
             from kvwire.server.grpc_server import serve_grpc
 
-            grpc_server = serve_grpc(service, settings, settings.grpc_port)
-        uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")
+            grpc_server = serve_grpc(service, settings, settings.grpc_port, access=access)
+        tls: dict[str, Any] = {}
+        if settings.tls_enabled:
+            tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+        uvicorn.run(
+            create_app(service, settings, access),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            **tls,
+        )
     finally:
         if grpc_server is not None:
             grpc_server.stop()
