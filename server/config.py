@@ -135,6 +135,11 @@ class ServiceSettings(BaseSettings):
             raise ValueError(f"default_tenant {value!r} must be {TENANT_RULE}")
         return value
 
+    @field_validator("tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # KVWIRE_TLS_CERTFILE= (empty) means no TLS
+
     @model_validator(mode="after")
     def _check_tls(self) -> ServiceSettings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
