@@ -221,6 +221,18 @@ def validate_context_id(context_id: str) -> str:
     return context_id
 
 
+def validate_text(text: str) -> str:
+    """Refuse text that is not valid Unicode: JSON may carry lone surrogates (``"\\ud800"``), which
+    tokenizers cannot encode (a TypeError deep in ``tokenizers``, not a clear error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"text is not valid Unicode at position {exc.start} (a lone surrogate)"
+        ) from None
+    return text
+
+
 def new_context_id() -> str:
     return "ctx-" + uuid.uuid4().hex[:20]
 
@@ -303,6 +315,7 @@ class Worker:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (a context is a plain token stream)."""
+        validate_text(text)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         self._check_tokens(ids)
         return ids
@@ -505,6 +518,8 @@ class KvwireService:
         """Ingest a context: its manifest if done inline, else the queued :class:`Job`."""
         if (text is None) == (token_ids is None):
             raise InvalidInputError("give exactly one of text and token_ids")
+        if text is not None:
+            validate_text(text)
         context_id = validate_context_id(context_id) if context_id is not None else new_context_id()
         if token_ids is not None and len(token_ids) > self.settings.max_context_tokens:
             raise LimitExceededError(

@@ -270,3 +270,13 @@ def test_concurrent_jobs_per_tenant_are_429(store: Store, worker: Any, tmp_path:
         # A finished job frees its slot.
         assert queue.process_one(lambda request, progress: None, consumer="t", block_s=1)
         assert client.post("/v1/contexts", json=long, headers=ALICE).status_code == 202
+
+
+def test_text_with_lone_surrogates_is_400(client: TestClient) -> None:
+    """Found by hand after schemathesis: JSON can carry lone surrogates, which the real tokenizer
+    cannot encode (TypeError, a 500); the fake tokenizer here would accept them, so 400 is the check."""
+    for raw in [b'{"text": "\\ud800"}', b'{"text": "ok \\udfff then"}']:
+        r = client.post("/v1/contexts", content=raw, headers={**ALICE, "Content-Type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    ok = client.post("/v1/contexts", json={"text": "\U0010ffff \x00 fine"}, headers=ALICE)
+    assert ok.status_code == 201
