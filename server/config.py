@@ -103,7 +103,6 @@ class ServiceSettings(BaseSettings):
     # refilled at rate_limit_per_s, holding at most rate_limit_burst. 0 = no rate limit.
     rate_limit_per_s: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)  # 0 = max(1, ceil(rate_limit_per_s))
-    max_list_contexts: int = Field(default=1000, gt=0)  # most context ids one list page returns
 
     # TLS for REST and gRPC: both files (PEM) or neither.
     tls_certfile: Path | None = None  # certificate chain, leaf first

@@ -46,7 +46,14 @@ from kvwire.errors import (
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import Job
-from kvwire.server.service import ChunkEntry, ContextManifest, KvwireService, LevelEntry, crc32_hex
+from kvwire.server.service import (
+    DEFAULT_LIST_PAGE,
+    ChunkEntry,
+    ContextManifest,
+    KvwireService,
+    LevelEntry,
+    crc32_hex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +304,7 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         self, request: pb.ListContextsRequest, context: grpc.ServicerContext
     ) -> pb.ListContextsResponse:
         tenant = self._tenant(context)
-        limit = request.limit or min(100, self.settings.max_list_contexts)
+        limit = request.limit or DEFAULT_LIST_PAGE
         ids, next_after = self.service.list_contexts(tenant, limit=limit, after=request.after or None)
         return pb.ListContextsResponse(context_ids=ids, next_after=next_after or "")
 

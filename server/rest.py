@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -34,7 +34,14 @@ from kvwire.errors import (
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import Job
-from kvwire.server.service import ContextManifest, KvwireService, LevelEntry
+from kvwire.server.service import (
+    CONTEXT_ID_PATTERN,
+    DEFAULT_LIST_PAGE,
+    MAX_LIST_PAGE,
+    ContextManifest,
+    KvwireService,
+    LevelEntry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +260,10 @@ def authenticate(request: Request) -> str:
 
 
 Tenant = Annotated[str, Depends(authenticate)]
-PageLimit = Annotated[int, Query(ge=0, description="ids per page, at most max_list_contexts; 0: 100")]
+PageLimit = Annotated[int, Query(ge=1, le=MAX_LIST_PAGE, description="ids per page")]
+ContextId = Annotated[
+    str, Path(pattern=f"^{CONTEXT_ID_PATTERN}$", description="1-128 of [A-Za-z0-9._-], not led by '.'")
+]
 PageAfter = Annotated[str | None, Query(max_length=128, description="the previous page's next_after")]
 
 
@@ -326,8 +336,6 @@ def create_app(
         metrics.ingests.labels("inline").inc()
         return JSONResponse(result.to_dict(), status_code=201)
 
-    default_page = min(100, settings.max_list_contexts)
-
     @app.get(
         "/v1/contexts",
         response_model=ContextList,
@@ -336,10 +344,9 @@ def create_app(
     )
     async def list_contexts(
         tenant: Tenant,
-        limit: PageLimit = 0,
+        limit: PageLimit = DEFAULT_LIST_PAGE,
         after: PageAfter = None,
     ) -> Any:
-        limit = limit or default_page
         ids, next_after = await run_in_threadpool(service.list_contexts, tenant, limit=limit, after=after)
         return JSONResponse({"context_ids": ids, "next_after": next_after})
 
@@ -351,7 +358,7 @@ def create_app(
     @app.get(
         "/v1/contexts/{context_id}", response_model=ContextManifest, responses=_ERRORS, summary="Manifest"
     )
-    async def get_context(context_id: str, tenant: Tenant) -> Any:
+    async def get_context(context_id: ContextId, tenant: Tenant) -> Any:
         # The stored JSON as is: it is what JSONResponse(manifest.to_dict()) would render, without
         # rebuilding and re-encoding every chunk entry on each request.
         data = await run_in_threadpool(service.manifest_json, tenant, context_id)
@@ -369,7 +376,7 @@ def create_app(
     )
     async def get_chunk(
         request: Request,
-        context_id: str,
+        context_id: ContextId,
         index: int,
         tenant: Tenant,
         level: Annotated[int | None, Query(ge=0, description="quality level (default: manifest's)")] = None,
@@ -407,7 +414,7 @@ def create_app(
         return Response(data, media_type="application/octet-stream", headers={"ETag": f'"{digest}"'})
 
     @app.delete("/v1/contexts/{context_id}", status_code=204, responses=_ERRORS, summary="Delete a context")
-    async def delete_context(context_id: str, tenant: Tenant) -> Response:
+    async def delete_context(context_id: ContextId, tenant: Tenant) -> Response:
         await run_in_threadpool(service.delete, tenant, context_id)
         return Response(status_code=204)
 

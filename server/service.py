@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "kvwire-manifest"
 MANIFEST_VERSION = 1
-_CONTEXT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"[0-9a-f]{16,128}")
+CONTEXT_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+#: Most context ids one list page returns (REST ``GET /v1/contexts``, gRPC ``ListContexts``).
+MAX_LIST_PAGE = 1000
+DEFAULT_LIST_PAGE = 100
+_CONTEXT_ID = re.compile(CONTEXT_ID_PATTERN)
 
 Progress = Callable[[int, int], None]
 
@@ -596,8 +600,8 @@ class KvwireService:
     ) -> tuple[list[str], str | None]:
         """Up to ``limit`` of ``tenant``'s context ids in sorted order, those after ``after`` if given,
         and the id to pass as ``after`` for the next page (``None`` on the last page)."""
-        if not 0 < limit <= self.settings.max_list_contexts:
-            raise InvalidInputError(f"limit must be in [1, {self.settings.max_list_contexts}]")
+        if not 0 < limit <= MAX_LIST_PAGE:
+            raise InvalidInputError(f"limit must be in [1, {MAX_LIST_PAGE}]")
         prefix = manifests_prefix(tenant) + "/"
         ids = sorted(key[len(prefix) :] for key in self.store.list_keys(prefix))
         if after is not None:

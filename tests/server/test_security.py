@@ -19,7 +19,7 @@ from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
 from kvwire.server.grpc_server import ERROR_TYPE_KEY, RETRY_AFTER_KEY, serve_grpc
 from kvwire.server.jobs import InProcessJobQueue
 from kvwire.server.rest import create_app
-from kvwire.server.service import KvwireService, manifests_prefix
+from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix
 from kvwire.server.storage import Store
 
 from .conftest import make_settings
@@ -140,7 +140,7 @@ def test_listing_is_sorted_paged_and_bounded(
     assert seen == ids
     grpc_page = stub.ListContexts(pb.ListContextsRequest(limit=5, after="c01"), metadata=ALICE_MD)
     assert list(grpc_page.context_ids) == ids[2:7] and grpc_page.next_after == ""
-    too_many = settings.max_list_contexts + 1
+    too_many = MAX_LIST_PAGE + 1
     assert client.get("/v1/contexts", params={"limit": too_many}, headers=ALICE).status_code == 400
     err = rpc_error(lambda: stub.ListContexts(pb.ListContextsRequest(limit=too_many), metadata=ALICE_MD))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
