@@ -22,6 +22,7 @@ from kvwire.server.rest import create_app
 from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix
 from kvwire.server.storage import Store
 
+from ..storage.conftest import redis_url, s3_endpoint  # noqa: F401 - fixtures for the backend test
 from .conftest import make_settings
 
 ALICE = {"Authorization": "Bearer alice-key"}
@@ -280,3 +281,40 @@ def test_text_with_lone_surrogates_is_400(client: TestClient) -> None:
         assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
     ok = client.post("/v1/contexts", json={"text": "\U0010ffff \x00 fine"}, headers=ALICE)
     assert ok.status_code == 201
+
+
+# ------------------------------------------------------------------------------ real backends
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["redis", "s3"])
+def test_every_stored_key_is_in_its_tenants_namespace(
+    kind: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    model: Any,
+    codec: Any,
+    settings: ServiceSettings,
+) -> None:
+    """On a real redis-server and S3 server: two tenants ingest the same tokens; every key either
+    belongs to exactly one tenant's ``t/<tenant>/`` namespace or is the (shared, model-only) profile."""
+    from ..storage.conftest import make_store
+    from .conftest import make_worker
+
+    store = make_store(kind, request, tmp_path)
+    service = KvwireService(store, InProcessJobQueue(), settings, make_worker(model, store, codec, settings))
+    try:
+        for tenant in ("alice", "bob"):
+            service.ingest(tenant, token_ids=[t % 128 for t in range(150)], context_id="same-id")
+        keys = sorted(store.list_keys(""))
+        alice = [k for k in keys if k.startswith("t/alice/")]
+        bob = [k for k in keys if k.startswith("t/bob/")]
+        shared = [k for k in keys if not k.startswith("t/")]
+        assert len(alice) == len(bob) == 1 + 3 * 5  # one manifest, 3 chunks x 5 levels each
+        assert shared == [k for k in keys if k.startswith("profiles/")] and len(shared) == 1
+        assert service.list_contexts("alice", limit=10) == (["same-id"], None)
+        service.delete("bob", "same-id")
+        assert service.list_contexts("bob", limit=10) == ([], None)
+        assert service.manifest("alice", "same-id").tenant == "alice"
+    finally:
+        service.close()
