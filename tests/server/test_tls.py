@@ -135,7 +135,15 @@ def test_grpc_over_tls(tls_server: TlsServer) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_tls_settings_are_checked(tmp_path: Path) -> None:
+def test_tls_settings_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVWIRE_TLS_CERTFILE", str(tmp_path / "cert.pem"))
+    monkeypatch.setenv("KVWIRE_TLS_KEYFILE", str(tmp_path / "key.pem"))
+    assert ServiceSettings().tls_certfile == tmp_path / "cert.pem" and ServiceSettings().tls_enabled
+    monkeypatch.setenv("KVWIRE_TLS_CERTFILE", "")  # empty: unset, as compose files pass it
+    monkeypatch.setenv("KVWIRE_TLS_KEYFILE", "")
+    assert not ServiceSettings().tls_enabled
+    monkeypatch.delenv("KVWIRE_TLS_CERTFILE")
+    monkeypatch.delenv("KVWIRE_TLS_KEYFILE")
     with pytest.raises(ValueError, match="both"):
         ServiceSettings(tls_certfile=tmp_path / "cert.pem")
     (tmp_path / "cert.pem").write_text("not a certificate")
