@@ -192,7 +192,8 @@ def seed(store: Any, payloads: dict[str, list[bytes]], manifest_chunks: int) -> 
     rng = random.Random(0)
     for size, chunks in payloads.items():
         keys = [
-            chunk_key("f" * 64, f"{size.lower()}{i:06d}".ljust(32, "0"), 1, LEVEL) for i in range(len(chunks))
+            chunk_key(TENANT, "f" * 64, f"{size.lower()}{i:06d}".ljust(32, "0"), 1, LEVEL)
+            for i in range(len(chunks))
         ]
         store.put_many(zip(keys, chunks, strict=True))
         entries = []

@@ -25,14 +25,29 @@ Command = Callable[[argparse.Namespace], int]
 
 def _service_settings(args: argparse.Namespace) -> ServiceSettings:
     """``ServiceSettings`` from the environment, overridden by the options given on the command line."""
+    from pydantic import ValidationError
+
+    from kvwire.errors import InvalidInputError
     from kvwire.server.config import ServiceSettings
 
     overrides = {
         name: getattr(args, name)
-        for name in ("host", "port", "grpc_port", "model", "device", "jobs_redis_url")
+        for name in (
+            "host",
+            "port",
+            "grpc_port",
+            "model",
+            "device",
+            "jobs_redis_url",
+            "tls_certfile",
+            "tls_keyfile",
+        )
         if getattr(args, name, None) is not None
     }
-    return ServiceSettings(**overrides)
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid settings: {exc}") from exc
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -75,6 +90,14 @@ def _add_service_options(parser: argparse.ArgumentParser, *, http: bool) -> None
             dest="grpc_port",
             type=int,
             help="also serve the gRPC API on this port (KVWIRE_GRPC_PORT)",
+        )
+        parser.add_argument(
+            "--tls-certfile",
+            dest="tls_certfile",
+            help="PEM certificate chain: serve REST and gRPC over TLS only (KVWIRE_TLS_CERTFILE)",
+        )
+        parser.add_argument(
+            "--tls-keyfile", dest="tls_keyfile", help="PEM private key of --tls-certfile (KVWIRE_TLS_KEYFILE)"
         )
     parser.add_argument("--model", help="model directory or .gguf (KVWIRE_MODEL; default: bundled SmolLM2)")
     parser.add_argument("--device", help="torch device (KVWIRE_DEVICE; default cuda if available, else cpu)")

@@ -50,4 +50,12 @@ class AuthError(KvwireError):
 
 
 class RateLimitError(LimitExceededError):
-    """Too many requests or queued jobs right now; the caller should retry later (HTTP 429)."""
+    """Too many requests or queued jobs right now; the caller should retry later (HTTP 429).
+
+    ``retry_after_s`` (whole seconds) is when a retry may succeed: the ``Retry-After`` header (REST)
+    and ``retry-after`` trailing metadata (gRPC).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

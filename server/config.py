@@ -13,9 +13,10 @@ import hashlib
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -27,7 +28,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Tenant names become a storage key segment (``t/<tenant>/...``): never '.'-led, so never '.' or '..'.
+_TENANT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+TENANT_RULE = "1-64 characters of [A-Za-z0-9._-], not led by '.'"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -61,7 +64,7 @@ def parse_api_keys(spec: str | dict[str, str] | None) -> dict[str, str]:
     hashed: dict[str, str] = {}
     for tenant, key in pairs:
         if not _TENANT.fullmatch(tenant):
-            raise InvalidInputError(f"tenant name {tenant!r} must match [A-Za-z0-9._-]{{1,64}}")
+            raise InvalidInputError(f"tenant name {tenant!r} must be {TENANT_RULE}")
         if key.startswith("sha256:") and _SHA256_HEX.fullmatch(key[7:].lower()):
             digest = key[7:].lower()
         else:
@@ -95,6 +98,15 @@ class ServiceSettings(BaseSettings):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     inline_max_tokens: int = Field(default=1024, ge=0)  # contexts up to this many tokens ingest inline
     max_pending_jobs: int = Field(default=1000, gt=0)
+    max_jobs_per_tenant: int = Field(default=100, gt=0)  # one tenant's queued + running jobs
+    # Per API key (per tenant when auth is off) token bucket over every authenticated request:
+    # refilled at rate_limit_per_s, holding at most rate_limit_burst. 0 = no rate limit.
+    rate_limit_per_s: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)  # 0 = max(1, ceil(rate_limit_per_s))
+
+    # TLS for REST and gRPC: both files (PEM) or neither.
+    tls_certfile: Path | None = None  # certificate chain, leaf first
+    tls_keyfile: Path | None = None
     # Parsed manifests kept per process (0 = none); another process's delete or re-ingest of a
     # context is seen here after at most manifest_cache_ttl_s.
     manifest_cache_size: int = Field(default=1024, ge=0)
@@ -115,6 +127,24 @@ class ServiceSettings(BaseSettings):
             return {str(k): str(v) for k, v in value.items()}  # already {hash: tenant}
         return parse_api_keys(value)
 
+    @field_validator("default_tenant")
+    @classmethod
+    def _check_tenant(cls, value: str) -> str:
+        if not _TENANT.fullmatch(value):
+            raise ValueError(f"default_tenant {value!r} must be {TENANT_RULE}")
+        return value
+
+    @field_validator("tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # KVWIRE_TLS_CERTFILE= (empty) means no TLS
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServiceSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both tls_certfile and tls_keyfile (or neither)")
+        return self
+
     @field_validator("levels", mode="before")
     @classmethod
     def _parse_levels(cls, value: Any) -> Any:
@@ -125,6 +155,14 @@ class ServiceSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certfile is not None
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.rate_limit_per_s > 0
 
     @classmethod
     def settings_customise_sources(

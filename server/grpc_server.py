@@ -10,7 +10,6 @@ here. See docs/grpc.md.
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 import logging
 import time
@@ -42,10 +41,19 @@ from kvwire.errors import (
     KvwireError,
     LimitExceededError,
     NotFoundError,
+    RateLimitError,
 )
-from kvwire.server.config import ServiceSettings, hash_api_key
+from kvwire.server.auth import AccessControl
+from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import Job
-from kvwire.server.service import ChunkEntry, ContextManifest, KvwireService, LevelEntry, crc32_hex
+from kvwire.server.service import (
+    DEFAULT_LIST_PAGE,
+    ChunkEntry,
+    ContextManifest,
+    KvwireService,
+    LevelEntry,
+    crc32_hex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,8 @@ MIN_SAMPLE_BYTES = 256 * 1024
 DEFAULT_COSTS = CostModel(recompute_s_per_token=2e-4, decode_s_per_chunk=2e-3)
 #: Trailing metadata key carrying the ``kvwire.errors`` type name of a failed call.
 ERROR_TYPE_KEY = "kvwire-error-type"
+#: Trailing metadata key of a rate-limited call: whole seconds to wait before retrying.
+RETRY_AFTER_KEY = "retry-after"
 
 # The one mapping from error types to gRPC status codes (most specific first; RateLimitError is a
 # LimitExceededError, UnsupportedVersionError a CorruptChunkError). Anything else is INTERNAL.
@@ -100,7 +110,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     else:
         log.error("unhandled error in gRPC call", exc_info=exc)
         code, name, message = grpc.StatusCode.INTERNAL, "InternalError", "internal server error"
-    context.set_trailing_metadata(((ERROR_TYPE_KEY, name),))
+    trailers: tuple[tuple[str, str], ...] = ((ERROR_TYPE_KEY, name),)
+    if isinstance(exc, RateLimitError):
+        trailers += ((RETRY_AFTER_KEY, str(exc.retry_after_s)),)
+    context.set_trailing_metadata(trailers)
     context.abort(code, message)
 
 
@@ -130,22 +143,10 @@ def _rpc(method: F) -> F:
     return unary  # type: ignore[return-value]
 
 
-def authenticate(settings: ServiceSettings, metadata: Sequence[tuple[str, Any]]) -> str:
-    """The tenant of the call's ``authorization: Bearer <key>`` metadata (as REST's ``authenticate``)."""
-    if not settings.auth_enabled:
-        return settings.default_tenant
-    header = next((str(v) for k, v in metadata if k.lower() == "authorization"), "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise AuthError("missing 'authorization: Bearer <key>' metadata")
-    digest = hash_api_key(key.strip())
-    tenant = None
-    for known, name in settings.api_keys.items():  # constant-time compare against every stored hash
-        if hmac.compare_digest(known, digest):
-            tenant = name
-    if tenant is None:
-        raise AuthError("invalid API key")
-    return tenant
+def authenticate(access: AccessControl, metadata: Sequence[tuple[str, Any]]) -> str:
+    """The tenant of the call's ``authorization: Bearer <key>`` metadata, charged to its rate limit."""
+    header = next((str(v) for k, v in metadata if k.lower() == "authorization"), None)
+    return access.admit(header)
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -241,12 +242,18 @@ def stream_controller(request: pb.StreamRequest, manifest: ContextManifest) -> C
 class KvwireServicer(pb_grpc.KvwireServicer):
     """Every RPC of ``kvwire.v1.Kvwire``; each authenticates, calls the service, converts the result."""
 
-    def __init__(self, service: KvwireService, settings: ServiceSettings | None = None):
+    def __init__(
+        self,
+        service: KvwireService,
+        settings: ServiceSettings | None = None,
+        access: AccessControl | None = None,
+    ):
         self.service = service
         self.settings = settings or service.settings
+        self.access = access or AccessControl(self.settings)
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
-        return authenticate(self.settings, context.invocation_metadata() or ())
+        return authenticate(self.access, context.invocation_metadata() or ())
 
     def _read(self, entry: LevelEntry) -> bytes:
         """A chunk's bitstream, checked against the manifest's checksum."""
@@ -291,6 +298,15 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         entry = self.service.chunk_entry(self._tenant(context), request.context_id, request.index, level)
         data = self._read(entry)
         return pb.Chunk(index=request.index, level=entry.level, data=data, checksum=entry.checksum)
+
+    @_rpc
+    def ListContexts(
+        self, request: pb.ListContextsRequest, context: grpc.ServicerContext
+    ) -> pb.ListContextsResponse:
+        tenant = self._tenant(context)
+        limit = request.limit or DEFAULT_LIST_PAGE
+        ids, next_after = self.service.list_contexts(tenant, limit=limit, after=request.after or None)
+        return pb.ListContextsResponse(context_ids=ids, next_after=next_after or "")
 
     @_rpc
     def DeleteContext(
@@ -363,20 +379,42 @@ class GrpcServer:
         return bool(self.server.wait_for_termination(timeout_s))
 
 
-def serve_grpc(service: KvwireService, settings: ServiceSettings, port: int) -> GrpcServer:
-    """Start the gRPC API over ``service`` on ``settings.host:port`` (0 = a free port); do not block."""
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``settings.tls_certfile``/``tls_keyfile`` (PEM), or None without TLS."""
+    if settings.tls_certfile is None or settings.tls_keyfile is None:
+        return None
+    try:
+        chain = settings.tls_certfile.read_bytes()
+        key = settings.tls_keyfile.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read TLS certificate or key: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, chain)])
+
+
+def serve_grpc(
+    service: KvwireService, settings: ServiceSettings, port: int, *, access: AccessControl | None = None
+) -> GrpcServer:
+    """Start the gRPC API over ``service`` on ``settings.host:port`` (0 = a free port); do not block.
+
+    TLS only when ``settings`` names a certificate and key; ``access`` (keys, rate limits) may be
+    shared with the REST app of the same process.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="kvwire-grpc"),
         options=list(CHANNEL_OPTIONS),
     )
-    pb_grpc.add_KvwireServicer_to_server(KvwireServicer(service, settings), server)
+    pb_grpc.add_KvwireServicer_to_server(KvwireServicer(service, settings, access), server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    credentials = server_credentials(settings)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError as exc:  # grpcio raises when it cannot bind
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}: {exc}") from exc
     if bound == 0:
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}")
     server.start()
-    log.info("kvwire gRPC API on %s:%d", host, bound)
+    log.info("kvwire gRPC API on %s:%d%s", host, bound, " (TLS)" if credentials else "")
     return GrpcServer(server, bound)

@@ -67,6 +67,10 @@ class Job:
 JobHandler = Callable[[IngestRequest, Callable[[int, int], None]], object]
 
 
+def _tenant_limit_message(active: int, limit: int) -> str:
+    return f"{active} of this tenant's ingest jobs are queued or running (limit {limit}); retry later"
+
+
 def new_job_id() -> str:
     return "job-" + uuid.uuid4().hex
 
@@ -83,7 +87,8 @@ class JobQueue(ABC):
 
     @abstractmethod
     def submit(self, request: IngestRequest) -> Job:
-        """Queue ``request``; raise ``RateLimitError`` if too many jobs are pending."""
+        """Queue ``request``; raise ``RateLimitError`` if too many jobs are pending in all, or
+        ``max_per_tenant`` of the request's tenant are queued or running."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job:
@@ -121,18 +126,22 @@ class JobQueue(ABC):
 class InProcessJobQueue(JobQueue):
     """The embedded default: a thread-safe queue in this process (jobs are lost on restart)."""
 
-    def __init__(self, *, max_pending: int = 1000, keep_finished: int = 10000):
+    def __init__(self, *, max_pending: int = 1000, max_per_tenant: int = 100, keep_finished: int = 10000):
         self._queue: queue.Queue[tuple[str, IngestRequest]] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._max_pending = max_pending
+        self._max_per_tenant = max_per_tenant
         self._keep_finished = keep_finished
 
     def submit(self, request: IngestRequest) -> Job:
         with self._lock:
-            pending = sum(1 for j in self._jobs.values() if j.state in ("queued", "running"))
-            if pending >= self._max_pending:
-                raise RateLimitError(f"{pending} ingest jobs are pending; retry later")
+            active = [j for j in self._jobs.values() if j.state in ("queued", "running")]
+            if len(active) >= self._max_pending:
+                raise RateLimitError(f"{len(active)} ingest jobs are pending; retry later")
+            mine = sum(1 for j in active if j.tenant == request.tenant)
+            if mine >= self._max_per_tenant:
+                raise RateLimitError(_tenant_limit_message(mine, self._max_per_tenant), retry_after_s=10)
             job = Job(id=new_job_id(), tenant=request.tenant, context_id=request.context_id)
             self._jobs[job.id] = job
             self._forget_old()
@@ -193,8 +202,10 @@ class RedisJobQueue(JobQueue):
 
     Layout (namespace ``ns``): stream ``ns:jobs:stream`` (entries ``{job: <id>}``), consumer group
     ``ns:workers``, job hash ``ns:jobs:<id>`` (state, progress, request JSON, error), counter hash
-    ``ns:jobs:counts``. A worker takes new entries with ``XREADGROUP`` and acknowledges with ``XACK``
-    only after the job's outcome is recorded. Before reading new entries it runs ``XAUTOCLAIM`` for
+    ``ns:jobs:counts``, and per tenant the sorted set ``ns:jobs:active:<tenant>`` of its unfinished
+    job ids scored by submit time (for the per-tenant limit; members older than the job TTL are
+    dropped). A worker takes new entries with ``XREADGROUP`` and acknowledges with ``XACK`` only after
+    the job's outcome is recorded. Before reading new entries it runs ``XAUTOCLAIM`` for
     entries idle longer than ``claim_idle_s``, so a job whose worker crashed is taken over; a live
     worker's heartbeat thread refreshes its claim (``XCLAIM`` to itself) every ``claim_idle_s / 4``
     while the job runs. A job delivered
@@ -209,6 +220,7 @@ class RedisJobQueue(JobQueue):
         claim_idle_s: float = 60.0,
         max_deliveries: int = 3,
         max_pending: int = 1000,
+        max_per_tenant: int = 100,
         job_ttl_s: float = 7 * 24 * 3600.0,
         socket_timeout_s: float = 5.0,
         connect_timeout_s: float = 2.0,
@@ -232,6 +244,7 @@ class RedisJobQueue(JobQueue):
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.max_deliveries = max_deliveries
         self.max_pending = max_pending
+        self.max_per_tenant = max_per_tenant
         self.job_ttl_ms = int(job_ttl_s * 1000)
         self._group_ready = False
 
@@ -256,6 +269,26 @@ class RedisJobQueue(JobQueue):
     def _job_key(self, job_id: str) -> str:
         return self._prefix + job_id
 
+    def _active_key(self, tenant: str) -> str:
+        return f"{self._prefix}active:{tenant}"
+
+    def _reserve_tenant_slot(self, tenant: str, job_id: str) -> None:
+        """Count ``job_id`` among ``tenant``'s unfinished jobs, or raise if that would pass the limit.
+
+        Add-then-count in one transaction: racing submits may both be refused, never both admitted
+        past the limit.
+        """
+        key, now = self._active_key(tenant), time.time()
+        pipe = self._r.pipeline(transaction=True)
+        pipe.zremrangebyscore(key, "-inf", now - self.job_ttl_ms / 1000)
+        pipe.zadd(key, {job_id: now})
+        pipe.zcard(key)
+        pipe.pexpire(key, self.job_ttl_ms)
+        active = int(self._call(pipe.execute)[2])
+        if active > self.max_per_tenant:
+            self._call(lambda: self._r.zrem(key, job_id))
+            raise RateLimitError(_tenant_limit_message(active - 1, self.max_per_tenant), retry_after_s=10)
+
     def _set(self, job_id: str, state_change: tuple[str, str] | None = None, **fields: Any) -> None:
         """Update the job hash (and the per-state counters when the state changes) in one transaction."""
         mapping: dict[Any, Any] = {k: json.dumps(v) for k, v in fields.items()}
@@ -277,6 +310,7 @@ class RedisJobQueue(JobQueue):
         if pending >= self.max_pending:
             raise RateLimitError(f"{pending} ingest jobs are queued; retry later")
         job = Job(id=new_job_id(), tenant=request.tenant, context_id=request.context_id)
+        self._reserve_tenant_slot(request.tenant, job.id)
         fields: dict[Any, Any] = {k: json.dumps(v) for k, v in job.to_dict().items()}
         fields["request"] = request.to_json()
         pipe = self._r.pipeline(transaction=True)
@@ -338,11 +372,14 @@ class RedisJobQueue(JobQueue):
         )
         return int(info[0]["times_delivered"]) if info else 1
 
-    def _finish(self, entry_id: bytes, job_id: str | None = None) -> None:
-        """Acknowledge and drop the stream entry; the finished job's request (token ids) is dropped too."""
+    def _finish(self, entry_id: bytes, job_id: str | None = None, tenant: str | None = None) -> None:
+        """Acknowledge and drop the stream entry; the finished job's request (token ids) is dropped
+        too, and the job no longer counts against its tenant's limit."""
         pipe = self._r.pipeline(transaction=True)
         if job_id is not None:
             pipe.hdel(self._job_key(job_id), "request")
+            if tenant is not None:
+                pipe.zrem(self._active_key(tenant), job_id)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
         self._call(pipe.execute)
@@ -360,12 +397,12 @@ class RedisJobQueue(JobQueue):
         request = IngestRequest.from_json(raw[0])
         old_state = json.loads(raw[1])
         if old_state in ("done", "failed"):  # finished, but the worker died before XACK
-            self._finish(entry_id)
+            self._finish(entry_id, job_id, request.tenant)
             return True
         if self._deliveries(entry_id) > self.max_deliveries:
             err = {"type": "InternalError", "message": "job abandoned by workers too many times"}
             self._set(job_id, (old_state, "failed"), state="failed", error=err)
-            self._finish(entry_id, job_id)
+            self._finish(entry_id, job_id, request.tenant)
             return True
         self._set(job_id, (old_state, "running") if old_state != "running" else None, state="running")
 
@@ -391,7 +428,7 @@ class RedisJobQueue(JobQueue):
         finally:
             stop_heartbeat.set()
             heartbeat.join()
-        self._finish(entry_id, job_id)
+        self._finish(entry_id, job_id, request.tenant)
         return True
 
     def _heartbeat(self, entry_id: bytes, consumer: str, stop: threading.Event) -> None:

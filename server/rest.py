@@ -7,12 +7,11 @@ else. See docs/service.md for the endpoints.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -32,9 +31,17 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
-from kvwire.server.config import ServiceSettings, hash_api_key
+from kvwire.server.auth import AccessControl
+from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import Job
-from kvwire.server.service import ContextManifest, KvwireService, LevelEntry
+from kvwire.server.service import (
+    CONTEXT_ID_PATTERN,
+    DEFAULT_LIST_PAGE,
+    MAX_LIST_PAGE,
+    ContextManifest,
+    KvwireService,
+    LevelEntry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,8 @@ def kvwire_error_response(exc: KvwireError) -> JSONResponse:
     for cls, status in ERROR_STATUS:
         if isinstance(exc, cls):
             headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            if status == 429:
-                headers = {"Retry-After": "5"}
+            if isinstance(exc, RateLimitError):
+                headers = {"Retry-After": str(exc.retry_after_s)}
             return error_response(status, type(exc).__name__, str(exc), headers)
     # Corrupt stored data, model/profile mismatches: a server-side fault, reported without internals.
     log.error("internal kvwire error: %s: %s", type(exc).__name__, exc)
@@ -213,6 +220,13 @@ class IngestBody(BaseModel):
     context_id: str | None = Field(default=None, min_length=1, max_length=128)
 
 
+class ContextList(BaseModel):
+    """One page of the caller's context ids, sorted; pass ``next_after`` as ``after`` for the next."""
+
+    context_ids: list[str]
+    next_after: str | None = None
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -229,7 +243,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "missing or invalid API key"),
         (404, "unknown id (or another tenant's)"),
         (413, "request or context too large"),
-        (429, "too many pending jobs"),
+        (429, "rate limit, or too many pending jobs (Retry-After)"),
         (503, "storage or job queue unavailable"),
     )
 }
@@ -240,31 +254,27 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 
 
 def authenticate(request: Request) -> str:
-    """The tenant of the request's bearer key (or the default tenant when no keys are configured)."""
-    settings: ServiceSettings = request.app.state.settings
-    if not settings.auth_enabled:
-        return settings.default_tenant
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise AuthError("missing 'Authorization: Bearer <key>' header")
-    digest = hash_api_key(key.strip())
-    tenant = None
-    for known, name in settings.api_keys.items():  # constant-time compare against every stored hash
-        if hmac.compare_digest(known, digest):
-            tenant = name
-    if tenant is None:
-        raise AuthError("invalid API key")
-    return tenant
+    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``)."""
+    access: AccessControl = request.app.state.access
+    return access.admit(request.headers.get("authorization"))
 
 
 Tenant = Annotated[str, Depends(authenticate)]
+PageLimit = Annotated[int, Query(ge=1, le=MAX_LIST_PAGE, description="ids per page")]
+ContextId = Annotated[
+    str, Path(pattern=f"^{CONTEXT_ID_PATTERN}$", description="1-128 of [A-Za-z0-9._-], not led by '.'")
+]
+PageAfter = Annotated[str | None, Query(max_length=128, description="the previous page's next_after")]
 
 
 # ----------------------------------------------------------------------------------------------- app
 
 
-def create_app(service: KvwireService, settings: ServiceSettings | None = None) -> FastAPI:
-    """The REST app over ``service``; ``settings`` defaults to the service's."""
+def create_app(
+    service: KvwireService, settings: ServiceSettings | None = None, access: AccessControl | None = None
+) -> FastAPI:
+    """The REST app over ``service``; ``settings`` defaults to the service's, ``access`` (keys and
+    rate limits, shared with a gRPC server of the same process) to one built from ``settings``."""
     settings = settings or service.settings
     metrics = Metrics(service)
     app = FastAPI(
@@ -274,6 +284,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
     )
     app.state.service = service
     app.state.settings = settings
+    app.state.access = access or AccessControl(settings)
     app.state.metrics = metrics
 
     # -- errors, mapped once
@@ -325,6 +336,20 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
         metrics.ingests.labels("inline").inc()
         return JSONResponse(result.to_dict(), status_code=201)
 
+    @app.get(
+        "/v1/contexts",
+        response_model=ContextList,
+        responses=_ERRORS,
+        summary="List the caller's contexts (ids, sorted, paged)",
+    )
+    async def list_contexts(
+        tenant: Tenant,
+        limit: PageLimit = DEFAULT_LIST_PAGE,
+        after: PageAfter = None,
+    ) -> Any:
+        ids, next_after = await run_in_threadpool(service.list_contexts, tenant, limit=limit, after=after)
+        return JSONResponse({"context_ids": ids, "next_after": next_after})
+
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=_ERRORS, summary="Ingest job state")
     async def get_job(job_id: str, tenant: Tenant) -> Any:
         job = await run_in_threadpool(service.job, tenant, job_id)
@@ -333,7 +358,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
     @app.get(
         "/v1/contexts/{context_id}", response_model=ContextManifest, responses=_ERRORS, summary="Manifest"
     )
-    async def get_context(context_id: str, tenant: Tenant) -> Any:
+    async def get_context(context_id: ContextId, tenant: Tenant) -> Any:
         # The stored JSON as is: it is what JSONResponse(manifest.to_dict()) would render, without
         # rebuilding and re-encoding every chunk entry on each request.
         data = await run_in_threadpool(service.manifest_json, tenant, context_id)
@@ -351,7 +376,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
     )
     async def get_chunk(
         request: Request,
-        context_id: str,
+        context_id: ContextId,
         index: int,
         tenant: Tenant,
         level: Annotated[int | None, Query(ge=0, description="quality level (default: manifest's)")] = None,
@@ -389,7 +414,7 @@ def create_app(service: KvwireService, settings: ServiceSettings | None = None) 
         return Response(data, media_type="application/octet-stream", headers={"ETag": f'"{digest}"'})
 
     @app.delete("/v1/contexts/{context_id}", status_code=204, responses=_ERRORS, summary="Delete a context")
-    async def delete_context(context_id: str, tenant: Tenant) -> Response:
+    async def delete_context(context_id: ContextId, tenant: Tenant) -> Response:
         await run_in_threadpool(service.delete, tenant, context_id)
         return Response(status_code=204)
 
@@ -429,10 +454,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_tls_files(settings: ServiceSettings) -> None:
+    """Refuse, with a clear error, TLS settings whose files cannot be read as a PEM cert and key."""
+    if not settings.tls_enabled:
+        return
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(settings.tls_certfile), str(settings.tls_keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInputError(
+            f"cannot load TLS certificate {settings.tls_certfile} / key {settings.tls_keyfile}: {exc}"
+        ) from exc
+
+
 def serve(settings: ServiceSettings | None = None) -> None:
     """Build the service from ``settings`` and run the REST API with uvicorn until interrupted.
 
-    With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it.
+    With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it;
+    with ``tls_certfile``/``tls_keyfile`` set, both serve TLS only.
     """
     import uvicorn
 
@@ -444,14 +485,25 @@ def serve(settings: ServiceSettings | None = None) -> None:
             f"refusing to serve without API keys on {settings.host}: set KVWIRE_API_KEYS "
             "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
         )
+    check_tls_files(settings)
     service = build_service(settings)
+    access = AccessControl(settings)  # one rate-limit bucket per key across both APIs
     grpc_server = None
     try:
         if settings.grpc_port is not None:  # the gRPC API shares the process, service and worker
             from kvwire.server.grpc_server import serve_grpc
 
-            grpc_server = serve_grpc(service, settings, settings.grpc_port)
-        uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")
+            grpc_server = serve_grpc(service, settings, settings.grpc_port, access=access)
+        tls: dict[str, Any] = {}
+        if settings.tls_enabled:
+            tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+        uvicorn.run(
+            create_app(service, settings, access),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            **tls,
+        )
     finally:
         if grpc_server is not None:
             grpc_server.stop()

@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "kvwire-manifest"
 MANIFEST_VERSION = 1
-_CONTEXT_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"[0-9a-f]{16,128}")
+CONTEXT_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+#: Most context ids one list page returns (REST ``GET /v1/contexts``, gRPC ``ListContexts``).
+MAX_LIST_PAGE = 1000
+DEFAULT_LIST_PAGE = 100
+_CONTEXT_ID = re.compile(CONTEXT_ID_PATTERN)
 
 Progress = Callable[[int, int], None]
 
@@ -173,15 +177,22 @@ class ContextManifest:
 
 
 def manifest_key(tenant: str, context_id: str) -> str:
-    return f"t/{tenant}/contexts/{context_id}"
+    return f"{manifests_prefix(tenant)}/{context_id}"
+
+
+def manifests_prefix(tenant: str) -> str:
+    """The store prefix under which every manifest of ``tenant`` (and nothing else) lives."""
+    return f"t/{tenant}/contexts"
 
 
 def profile_key(digest: str) -> str:
     return f"profiles/{digest}"
 
 
-def chunk_key(model_fingerprint: str, prefix_digest: str, codec_version: int, level: int) -> str:
-    return f"chunks/{model_fingerprint[:16]}/{prefix_digest}/v{codec_version}/L{level}"
+def chunk_key(tenant: str, model_fingerprint: str, prefix_digest: str, codec_version: int, level: int) -> str:
+    """A chunk's content address, inside its tenant's namespace: prefixes are shared within a tenant
+    only, so no tenant can learn (from what is reused, or how fast) what another has ingested."""
+    return f"t/{tenant}/chunks/{model_fingerprint[:16]}/{prefix_digest}/v{codec_version}/L{level}"
 
 
 def chunk_prefix_digests(token_ids: Sequence[int], chunk_tokens: int, profile_digest: str) -> list[str]:
@@ -212,6 +223,18 @@ def validate_context_id(context_id: str) -> str:
     if not isinstance(context_id, str) or not _CONTEXT_ID.fullmatch(context_id):
         raise InvalidInputError("context_id must be 1-128 characters of [A-Za-z0-9._-], not led by '.'")
     return context_id
+
+
+def validate_text(text: str) -> str:
+    """Refuse text that is not valid Unicode: JSON may carry lone surrogates (``"\\ud800"``), which
+    tokenizers cannot encode (a TypeError deep in ``tokenizers``, not a clear error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"text is not valid Unicode at position {exc.start} (a lone surrogate)"
+        ) from None
+    return text
 
 
 def new_context_id() -> str:
@@ -296,6 +319,7 @@ class Worker:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (a context is a plain token stream)."""
+        validate_text(text)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         self._check_tokens(ids)
         return ids
@@ -325,7 +349,10 @@ class Worker:
         ct, version = self.chunk_tokens, self.codec.version
         ranges = [(s, min(s + ct, len(ids))) for s in range(0, len(ids), ct)]
         digests = chunk_prefix_digests(ids, ct, self.profile.digest)
-        keys = [[chunk_key(self.fingerprint, d, version, lv) for lv in self.levels] for d in digests]
+        keys = [
+            [chunk_key(request.tenant, self.fingerprint, d, version, lv) for lv in self.levels]
+            for d in digests
+        ]
         existing = self.store.try_get_many([k for row in keys for k in row])
         levels_of: list[list[LevelEntry] | None] = []
         for i, row in enumerate(keys):
@@ -495,6 +522,8 @@ class KvwireService:
         """Ingest a context: its manifest if done inline, else the queued :class:`Job`."""
         if (text is None) == (token_ids is None):
             raise InvalidInputError("give exactly one of text and token_ids")
+        if text is not None:
+            validate_text(text)
         context_id = validate_context_id(context_id) if context_id is not None else new_context_id()
         if token_ids is not None and len(token_ids) > self.settings.max_context_tokens:
             raise LimitExceededError(
@@ -566,6 +595,20 @@ class KvwireService:
         except NotFoundError:
             raise NotFoundError(f"no profile {digest!r}") from None
 
+    def list_contexts(
+        self, tenant: str, *, limit: int, after: str | None = None
+    ) -> tuple[list[str], str | None]:
+        """Up to ``limit`` of ``tenant``'s context ids in sorted order, those after ``after`` if given,
+        and the id to pass as ``after`` for the next page (``None`` on the last page)."""
+        if not 0 < limit <= MAX_LIST_PAGE:
+            raise InvalidInputError(f"limit must be in [1, {MAX_LIST_PAGE}]")
+        prefix = manifests_prefix(tenant) + "/"
+        ids = sorted(key[len(prefix) :] for key in self.store.list_keys(prefix))
+        if after is not None:
+            ids = [i for i in ids if i > after]
+        page = ids[:limit]
+        return page, (page[-1] if len(ids) > limit else None)
+
     def delete(self, tenant: str, context_id: str) -> None:
         """Delete a context's manifest. Its chunks stay: they are content-addressed and may be shared."""
         validate_context_id(context_id)
@@ -622,9 +665,12 @@ def open_job_queue(settings: ServiceSettings) -> JobQueue:
             claim_idle_s=settings.jobs_claim_idle_s,
             max_deliveries=settings.jobs_max_deliveries,
             max_pending=settings.max_pending_jobs,
+            max_per_tenant=settings.max_jobs_per_tenant,
             job_ttl_s=settings.jobs_ttl_s,
         )
-    return InProcessJobQueue(max_pending=settings.max_pending_jobs)
+    return InProcessJobQueue(
+        max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant
+    )
 
 
 def build_service(

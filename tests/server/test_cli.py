@@ -21,6 +21,21 @@ def test_serve_passes_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen[0].port == 9123 and seen[0].host == "0.0.0.0" and seen[0].chunk_tokens == 128
 
 
+def test_serve_tls_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvwire.server.rest
+
+    seen: list[ServiceSettings] = []
+    monkeypatch.setattr(kvwire.server.rest, "serve", lambda settings: seen.append(settings))
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert cli.main(["serve", "--tls-certfile", str(cert), "--tls-keyfile", str(key)]) == 0
+    assert seen[0].tls_certfile == cert and seen[0].tls_keyfile == key and seen[0].tls_enabled
+    # One without the other is a clear error, not a traceback.
+    assert cli.main(["serve", "--tls-certfile", str(cert)]) == 2
+    assert "tls_certfile and tls_keyfile" in capsys.readouterr().err
+
+
 def test_serve_refuses_anonymous_public_bind(capsys: pytest.CaptureFixture[str]) -> None:
     from kvwire.server.rest import serve
 

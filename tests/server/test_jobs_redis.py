@@ -67,6 +67,24 @@ def test_submit_get_and_counts(redis_url: str, namespace: str) -> None:
     q.close()
 
 
+def test_jobs_per_tenant_limit(redis_url: str, namespace: str) -> None:
+    q = make_queue(redis_url, namespace, max_pending=10, max_per_tenant=2)
+    first = q.submit(request(1))
+    q.submit(request(2))
+    with pytest.raises(RateLimitError, match="limit 2") as info:
+        q.submit(request(3))
+    assert info.value.retry_after_s >= 1
+    assert q.submit(IngestRequest(tenant="bob", context_id="b", token_ids=[1])).tenant == "bob"
+    assert q.counts()["queued"] == 3  # the refused job was never queued
+    # A finished job (done or failed) frees its tenant's slot.
+    assert q.process_one(lambda req, progress: None, consumer="w", block_s=1)
+    assert q.get(first.id).state == "done"
+    q.submit(request(4))
+    with pytest.raises(RateLimitError):
+        q.submit(request(5))
+    q.close()
+
+
 def test_two_workers_share_jobs(redis_url: str, namespace: str) -> None:
     producer = make_queue(redis_url, namespace)
     handled: dict[str, list[str]] = {"w1": [], "w2": []}

@@ -53,8 +53,8 @@ def wait_job(service: KvwireService, tenant: str, job_id: str, timeout: float = 
 
 
 def test_chunk_key_layout() -> None:
-    key = chunk_key("ab" * 32, "cd" * 16, 1, 3)
-    assert key == f"chunks/{'ab' * 8}/{'cd' * 16}/v1/L3"
+    key = chunk_key("alice", "ab" * 32, "cd" * 16, 1, 3)
+    assert key == f"t/alice/chunks/{'ab' * 8}/{'cd' * 16}/v1/L3"
     assert manifest_key("alice", "ctx-1") == "t/alice/contexts/ctx-1"
     assert profile_key("00ff") == "profiles/00ff"
 
@@ -107,13 +107,17 @@ def test_reingest_and_shared_prefix_skip_encoding(
     tokens = ids(256)
     first = worker.ingest(IngestRequest(tenant="alice", context_id="a", token_ids=tokens))
     assert codec.calls == 4 * 5 and prefilled == [256]
-    again = worker.ingest(IngestRequest(tenant="bob", context_id="b", token_ids=tokens))
+    again = worker.ingest(IngestRequest(tenant="alice", context_id="b", token_ids=tokens))
     assert codec.calls == 4 * 5 and prefilled == [256]  # nothing encoded, model not run
     assert [c.levels for c in again.chunks] == [c.levels for c in first.chunks]
+    # Another tenant shares nothing: its chunks are encoded again, under its own keys.
+    bobs = worker.ingest(IngestRequest(tenant="bob", context_id="b", token_ids=tokens))
+    assert codec.calls == 2 * 4 * 5 and prefilled == [256, 256]
+    assert all(e.key.startswith("t/bob/") for c in bobs.chunks for e in c.levels)
     other = tokens[:192] + ids(100, seed=5)
     longer = worker.ingest(IngestRequest(tenant="alice", context_id="c", token_ids=other))
-    assert codec.calls == (4 + 2) * 5  # chunks 0-2 shared; 3 and 4 (partial) new
-    assert prefilled == [256, 292]
+    assert codec.calls == (8 + 2) * 5  # chunks 0-2 shared; 3 and 4 (partial) new
+    assert prefilled == [256, 256, 292]
     assert [c.levels for c in longer.chunks[:3]] == [c.levels for c in first.chunks[:3]]
 
 

@@ -91,7 +91,8 @@ def test_prefixes_match_whole_segments() -> None:
     assert not key_matches("a/bc", "a/b")
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# No deadline: each example fsyncs a file, which a loaded CI machine can take hundreds of ms to do.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.text(st.sampled_from(SEGMENT_CHARS + "/\\~:\x00 é"), max_size=30))
 def test_local_store_never_writes_outside_root(tmp_path: Path, key: str) -> None:
     root = tmp_path / "root"
