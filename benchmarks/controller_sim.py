@@ -47,6 +47,7 @@ class PolicyVariant:
     safety: float = 1.0
     margin: float = 0.0
     floor_gbps: float | None = None
+    drop_factor: float | None = None
 
 
 DEFAULT_VARIANTS = (
@@ -137,6 +138,7 @@ def simulate_run(
             slo_s,
             variant.margin,
             None if variant.floor_gbps is None else variant.floor_gbps * BYTES_PER_GBPS,
+            variant.drop_factor,
         ),
         costs,
         policy=variant.policy,

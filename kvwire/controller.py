@@ -31,8 +31,13 @@ from kvwire.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 DecisionKind = Literal["kv", "text"]
-Policy = Literal["cachegen", "lookahead"]
-POLICIES: tuple[Policy, ...] = ("cachegen", "lookahead")
+Policy = Literal["cachegen", "lookahead", "robust"]
+POLICIES: tuple[Policy, ...] = ("cachegen", "lookahead", "robust")
+# The robust policy's defaults: insure each chunk against the link falling to this share of the
+# prediction, and when the SLO is out of reach at the prediction, aim for the smallest rise (up to this
+# factor) that would make it reachable. Chosen on the simulation in benchmarks/controller_sim.py.
+ROBUST_DROP_FACTOR = 0.25
+ROBUST_MAX_RISE = 4.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -113,6 +118,7 @@ class Mode:
     slo_s: float | None = None
     margin: float = 0.0
     floor_bytes_per_s: float | None = None
+    drop_factor: float | None = None
 
     @classmethod
     def fixed_level(cls, level: int) -> Mode:
@@ -123,7 +129,13 @@ class Mode:
         return cls("text")
 
     @classmethod
-    def adaptive(cls, slo_s: float, margin: float = 0.0, floor_bytes_per_s: float | None = None) -> Mode:
+    def adaptive(
+        cls,
+        slo_s: float,
+        margin: float = 0.0,
+        floor_bytes_per_s: float | None = None,
+        drop_factor: float | None = None,
+    ) -> Mode:
         """Meet `slo_s` (seconds from request start to the whole cache being ready).
 
         margin: plan against `slo_s * (1 - margin)`, keeping a share of the budget for surprises.
@@ -138,7 +150,26 @@ class Mode:
             raise InvalidInputError(f"margin must be in [0, 1), got {margin}")
         if floor_bytes_per_s is not None and not (math.isfinite(floor_bytes_per_s) and floor_bytes_per_s > 0):
             raise InvalidInputError(f"floor_bytes_per_s must be finite and > 0, got {floor_bytes_per_s}")
-        return cls("adaptive", slo_s=slo_s, margin=margin, floor_bytes_per_s=floor_bytes_per_s)
+        if drop_factor is not None and not (0 < drop_factor <= 1):
+            raise InvalidInputError(f"drop_factor must be in (0, 1], got {drop_factor}")
+        return cls(
+            "adaptive",
+            slo_s=slo_s,
+            margin=margin,
+            floor_bytes_per_s=floor_bytes_per_s,
+            drop_factor=drop_factor,
+        )
+
+    def insurance_floor(self, bytes_per_s: float) -> float | None:
+        """The throughput the next chunk is insured against: the absolute floor, the relative drop
+        (`drop_factor` x the prediction), or the larger of the two when both are set (the link may fall
+        by the factor, but never below a known floor)."""
+        floors = []
+        if self.floor_bytes_per_s is not None:
+            floors.append(self.floor_bytes_per_s)
+        if self.drop_factor is not None:
+            floors.append(self.drop_factor * bytes_per_s)
+        return max(floors) if floors else None
 
     @property
     def deadline_s(self) -> float | None:
@@ -457,30 +488,41 @@ def choose_next(
         reason = (
             "cachegen: best uniform level within SLO" if feasible else "cachegen: SLO infeasible, fastest"
         )
+    elif policy == "robust":
+        return _choose_robust(remaining, sorted_levels, mode, costs, elapsed_s, bytes_per_s, compute_free)
     else:
         plan, completion, feasible = _plan_lookahead(all_options, elapsed_s, compute_free, deadline)
         option = plan[0]
         reason = "lookahead: best plan within SLO" if feasible else "lookahead: SLO infeasible, fastest plan"
-    if mode.floor_bytes_per_s is not None:
+    floor = mode.insurance_floor(bytes_per_s)
+    if floor is not None:
         insured = _insure(
-            option,
-            all_options[0],
-            remaining,
-            sorted_levels,
-            costs,
-            mode.floor_bytes_per_s,
-            elapsed_s,
-            compute_free,
-            deadline,
+            option, all_options, remaining, sorted_levels, costs, floor, elapsed_s, compute_free, deadline
         )
         if insured is not option:
             option, reason = insured, reason + "; lowered to stay insured against the floor throughput"
     return _decision(chunk, option, reason, completion)
 
 
+def _worst_case(
+    first_index: int,
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    costs: CostModel,
+    floor_bytes_per_s: float,
+    start_s: float,
+    compute_free_s: float,
+) -> float:
+    """Completion if the link fell to `floor_bytes_per_s` now: the next chunk sent as option
+    `first_index` (an index into `_chunk_options`), every later one as fast as possible at the floor."""
+    floor_options = [_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining]
+    plan = _fastest_plan([[floor_options[0][first_index]], *floor_options[1:]], start_s, compute_free_s)
+    return _completion(start_s, compute_free_s, plan)
+
+
 def _insure(
     chosen: _Option,
-    first_options: Sequence[_Option],
+    all_options: Sequence[Sequence[_Option]],
     remaining: Sequence[ChunkOption],
     levels: Sequence[int],
     costs: CostModel,
@@ -492,17 +534,112 @@ def _insure(
     """The best-quality option for the next chunk, no bigger than `chosen`, whose worst case (this chunk
     and every later one at the floor throughput, later ones sent as fast as possible) meets the deadline;
     `chosen` itself if it is insured or if nothing is."""
-    floor_options = [_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining]
+    first_options = all_options[0]
 
-    def worst_case(first: _Option) -> float:
-        at_floor = floor_options[0][first_options.index(first)]
-        plan = _fastest_plan([[at_floor], *floor_options[1:]], start_s, compute_free_s)
-        return _completion(start_s, compute_free_s, plan)
+    def worst(option: _Option) -> float:
+        index = first_options.index(option)
+        return _worst_case(index, remaining, levels, costs, floor_bytes_per_s, start_s, compute_free_s)
 
-    if worst_case(chosen) <= deadline_s:
+    if worst(chosen) <= deadline_s:
         return chosen
-    insured = [o for o in first_options if o.nbytes < chosen.nbytes and worst_case(o) <= deadline_s]
+    insured = [o for o in first_options if o.nbytes < chosen.nbytes and worst(o) <= deadline_s]
     return min(insured, key=lambda o: (o.loss, o.nbytes)) if insured else chosen
+
+
+def _fastest_completion(options: Sequence[Sequence[_Option]], start_s: float, compute_free_s: float) -> float:
+    return _completion(start_s, compute_free_s, _fastest_plan(options, start_s, compute_free_s))
+
+
+def _choose_robust(
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    mode: Mode,
+    costs: CostModel,
+    elapsed_s: float,
+    bytes_per_s: float,
+    compute_free_s: float,
+) -> Decision:
+    """The robust policy (see docs/controller.md): the lookahead, made to keep its options open.
+
+    Feasible at the prediction: take the lookahead's choice if it is insured against a drop to
+    `mode.insurance_floor` (default `ROBUST_DROP_FACTOR` x the prediction) right now; otherwise the best
+    option that is insured *and* still meets the deadline at the prediction; if none is insured, the one
+    whose worst case is soonest among those that meet the deadline at the prediction.
+    Infeasible at the prediction: plan for the smallest rise in throughput (up to `ROBUST_MAX_RISE`x)
+    that would make the SLO reachable, instead of the fastest plan at the prediction, which tends to queue
+    recompute early and cannot profit from a later rise; past that, the fastest plan.
+    """
+    chunk = remaining[0]
+    deadline = mode.deadline_s
+    assert deadline is not None
+    options = [_chunk_options(c, levels, costs, bytes_per_s) for c in remaining]
+    plan, completion, feasible = _plan_lookahead(options, elapsed_s, compute_free_s, deadline)
+    if not feasible:
+        rise = _smallest_feasible_rise(
+            remaining, levels, costs, bytes_per_s, elapsed_s, compute_free_s, deadline
+        )
+        if rise is None:
+            return _decision(chunk, plan[0], "robust: SLO infeasible, fastest plan", completion)
+        hoped = [_chunk_options(c, levels, costs, bytes_per_s * rise) for c in remaining]
+        hoped_plan, _, _ = _plan_lookahead(hoped, elapsed_s, compute_free_s, deadline)
+        option = options[0][hoped[0].index(hoped_plan[0])]
+        reason = f"robust: SLO infeasible at the prediction, planned for a {rise:.2g}x rise"
+        return _decision(chunk, option, reason, completion)
+    floor = mode.insurance_floor(bytes_per_s)
+    if floor is None:
+        floor = ROBUST_DROP_FACTOR * bytes_per_s
+
+    def worst(option: _Option) -> float:
+        index = options[0].index(option)
+        return _worst_case(index, remaining, levels, costs, floor, elapsed_s, compute_free_s)
+
+    chosen = plan[0]
+    if worst(chosen) <= deadline:
+        return _decision(chunk, chosen, "robust: best plan within SLO, insured", completion)
+    # Options from which the fastest continuation at the prediction still meets the deadline: insuring
+    # against the unlikely case must not give up the likely one.
+    viable = [
+        o
+        for o in options[0]
+        if _fastest_completion([[o], *options[1:]], elapsed_s, compute_free_s) <= deadline
+    ]
+    worst_of = {id(o): worst(o) for o in viable}
+    insured = [o for o in viable if worst_of[id(o)] <= deadline]
+    if insured:
+        option = min(insured, key=lambda o: (o.loss, o.nbytes))
+        reason = "robust: lowered to stay insured against a drop"
+    else:
+        option = min(viable, key=lambda o: (worst_of[id(o)], o.loss))
+        reason = "robust: no option insured against a drop, safest one within SLO"
+    return _decision(chunk, option, reason, completion)
+
+
+def _smallest_feasible_rise(
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    costs: CostModel,
+    bytes_per_s: float,
+    elapsed_s: float,
+    compute_free_s: float,
+    deadline_s: float,
+    max_rise: float = ROBUST_MAX_RISE,
+    steps: int = 8,
+) -> float | None:
+    """The smallest factor in (1, max_rise] by which the throughput would have to rise for the fastest
+    plan to meet the deadline (bisection in log space; completion only falls as the rate rises), or
+    None if even `max_rise` is not enough."""
+
+    def fits(factor: float) -> bool:
+        opts = [_chunk_options(c, levels, costs, bytes_per_s * factor) for c in remaining]
+        return _fastest_completion(opts, elapsed_s, compute_free_s) <= deadline_s
+
+    if not fits(max_rise):
+        return None
+    low, high = 1.0, max_rise
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -522,7 +659,7 @@ class ThroughputEstimator:
     the prediction down. Before any sample, `prior_bytes_per_s` is returned.
     """
 
-    method: Literal["harmonic", "robust", "last"] = "harmonic"
+    method: Literal["harmonic", "robust", "last", "conservative"] = "harmonic"
     window: int = 5
     safety: float = 1.0
     prior_bytes_per_s: float | None = None
@@ -530,7 +667,7 @@ class ThroughputEstimator:
     _errors: deque[float] = field(default_factory=deque, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.method not in ("harmonic", "robust", "last"):
+        if self.method not in ("harmonic", "robust", "last", "conservative"):
             raise InvalidInputError(f"unknown estimator method {self.method!r}")
         if self.window < 1:
             raise InvalidInputError("window must be >= 1")
@@ -569,6 +706,8 @@ class ThroughputEstimator:
             return self.prior_bytes_per_s * self.safety
         if self.method == "last":
             estimate = self._samples[-1]
+        elif self.method == "conservative":
+            estimate = min(self._samples[-1], self._harmonic())
         elif self.method == "robust":
             estimate = self._harmonic() / (1.0 + max(self._errors, default=0.0))
         else:
