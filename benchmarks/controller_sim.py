@@ -61,16 +61,18 @@ class PolicyVariant:
 DEFAULT_VARIANTS = (
     PolicyVariant("cachegen", "cachegen", estimator_method="last"),
     PolicyVariant("lookahead", "lookahead", estimator_method="harmonic"),
+    PolicyVariant("robust", "robust", estimator_method="harmonic"),
 )
 ABLATION_VARIANTS = (
-    PolicyVariant("cachegen+harmonic", "cachegen", estimator_method="harmonic"),
-    PolicyVariant("cachegen+robust", "cachegen", estimator_method="robust"),
-    PolicyVariant("lookahead+last", "lookahead", estimator_method="last"),
-    PolicyVariant("lookahead+robust", "lookahead", estimator_method="robust"),
+    PolicyVariant("cachegen+robust est.", "cachegen", estimator_method="robust"),
     PolicyVariant("cachegen margin 10%", "cachegen", estimator_method="last", margin=0.1),
     PolicyVariant("lookahead margin 10%", "lookahead", estimator_method="harmonic", margin=0.1),
-    PolicyVariant("cachegen floor 0.2g", "cachegen", estimator_method="last", floor_gbps=0.2),
+    PolicyVariant("lookahead+conservative", "lookahead", estimator_method="conservative"),
     PolicyVariant("lookahead floor 0.2g", "lookahead", estimator_method="harmonic", floor_gbps=0.2),
+    PolicyVariant("lookahead drop 0.1", "lookahead", estimator_method="harmonic", drop_factor=0.1),
+    PolicyVariant("robust drop 0.25", "robust", estimator_method="harmonic", drop_factor=0.25),
+    PolicyVariant("robust drop 0.15", "robust", estimator_method="harmonic", drop_factor=0.15),
+    PolicyVariant("robust+conservative", "robust", estimator_method="conservative"),
 )
 
 

@@ -231,10 +231,9 @@ def test_drop_factor_and_floor() -> None:
         with pytest.raises(InvalidInputError):
             Mode.adaptive(1.0, drop_factor=bad)
     # A relative drop insures the lookahead just as an absolute floor does.
-    plain = choose_next(CHUNKS, LEVELS, Mode.adaptive(0.5), COSTS, elapsed_s=0.0, bytes_per_s=1e8)
-    insured = choose_next(
-        CHUNKS, LEVELS, Mode.adaptive(0.5, drop_factor=0.25), COSTS, elapsed_s=0.0, bytes_per_s=1e8
-    )
+    kwargs = {"elapsed_s": 0.0, "bytes_per_s": 1e8, "policy": "lookahead"}
+    plain = choose_next(CHUNKS, LEVELS, Mode.adaptive(0.5), COSTS, **kwargs)  # type: ignore[arg-type]
+    insured = choose_next(CHUNKS, LEVELS, Mode.adaptive(0.5, drop_factor=0.25), COSTS, **kwargs)  # type: ignore[arg-type]
     assert (plain.kind, plain.level) == ("kv", 0)
     assert (insured.kind, insured.level) != ("kv", 0) and "insured" in insured.reason
 
