@@ -61,3 +61,21 @@ def test_hindsight_bound_is_a_lower_bound(sim) -> None:
         for variant in sim.DEFAULT_VARIANTS:
             run = sim.simulate_run(config.context(), trace, start, variant, config.slo_s, config.costs)
             assert run.ttft_s >= bound - 1e-9
+
+
+def test_robust_policy_survives_a_sharp_drop_that_the_others_do_not(sim) -> None:
+    # Eight chunks starting 0.8 s / 0.9 s into step-down: the link falls from 2 to 0.2 Gbps 0.2 s / 0.1 s
+    # into the transfer. CacheGen's rule and the lookahead spend the fast start on big chunks and miss the
+    # 0.5 s SLO; the robust policy is insured against a 10x drop and meets it.
+    config = sim.SimConfig(num_chunks=8, slo_s=0.5)
+    trace = sim.BandwidthTrace.named("step-down")
+    variants = {v.name: v for v in sim.DEFAULT_VARIANTS}
+    for start in (0.8, 0.9):
+        assert sim.hindsight_fastest_s(config.context(), trace, start, config.costs) <= config.slo_s
+
+        def ttft(name: str, start: float = start) -> float:
+            run = sim.simulate_run(config.context(), trace, start, variants[name], config.slo_s, config.costs)
+            return run.ttft_s
+
+        assert ttft("cachegen") > config.slo_s and ttft("lookahead") > config.slo_s
+        assert ttft("robust") <= config.slo_s
