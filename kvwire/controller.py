@@ -509,6 +509,43 @@ def choose_next(
     return _decision(chunk, option, reason, completion)
 
 
+def _fast_stages(options: Sequence[Sequence[_Option]]) -> list[list[tuple[float, float]]]:
+    """Per chunk, the (network s, compute s) pairs that can be on a fastest plan (the pairs no other
+    option beats on both stages; quality plays no part in speed)."""
+    stages = []
+    for chunk_options in options:
+        kept: list[tuple[float, float]] = []
+        for net_s, compute_s in sorted({(o.net_s, o.compute_s) for o in chunk_options}):
+            if not kept or compute_s < kept[-1][1]:  # by network time: keep it only if it computes faster
+                kept.append((net_s, compute_s))
+        stages.append(kept)
+    return stages
+
+
+def _fastest_completion(
+    first: tuple[float, float],
+    rest: Sequence[Sequence[tuple[float, float]]],
+    start_s: float,
+    compute_free_s: float,
+    max_front: int = 128,
+) -> float:
+    """Earliest completion with the next chunk's (network s, compute s) fixed to `first` and every later
+    chunk at its fastest: `_fastest_plan`'s dynamic programming (same front, same thinning) without
+    keeping the plan, which is all the robust policy's what-if questions need."""
+    net_done = start_s + first[0]
+    front = [(net_done, max(compute_free_s, net_done) + first[1])]
+    for pairs in rest:
+        grown = sorted((net + a, max(comp, net + a) + b) for net, comp in front for a, b in pairs)
+        front = []
+        for state in grown:
+            if not front or state[1] < front[-1][1]:
+                front.append(state)
+        if len(front) > max_front:
+            step = (len(front) - 1) / (max_front - 1)
+            front = [front[round(i * step)] for i in range(max_front)]
+    return min(comp for _, comp in front)
+
+
 def _worst_case(
     first_index: int,
     remaining: Sequence[ChunkOption],
@@ -520,9 +557,9 @@ def _worst_case(
 ) -> float:
     """Completion if the link fell to `floor_bytes_per_s` now: the next chunk sent as option
     `first_index` (an index into `_chunk_options`), every later one as fast as possible at the floor."""
-    floor_options = [_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining]
-    plan = _fastest_plan([[floor_options[0][first_index]], *floor_options[1:]], start_s, compute_free_s)
-    return _completion(start_s, compute_free_s, plan)
+    floor_first = _chunk_options(remaining[0], levels, costs, floor_bytes_per_s)[first_index]
+    rest = _fast_stages([_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining[1:]])
+    return _fastest_completion((floor_first.net_s, floor_first.compute_s), rest, start_s, compute_free_s)
 
 
 def _insure(
@@ -551,10 +588,6 @@ def _insure(
     return min(insured, key=lambda o: (o.loss, o.nbytes)) if insured else chosen
 
 
-def _fastest_completion(options: Sequence[Sequence[_Option]], start_s: float, compute_free_s: float) -> float:
-    return _completion(start_s, compute_free_s, _fastest_plan(options, start_s, compute_free_s))
-
-
 def _choose_robust(
     remaining: Sequence[ChunkOption],
     levels: Sequence[int],
@@ -568,8 +601,8 @@ def _choose_robust(
 
     Feasible at the prediction: take the lookahead's choice if it is insured against a drop to
     `mode.insurance_floor` (default `ROBUST_DROP_FACTOR` x the prediction) right now; otherwise the best
-    option that is insured *and* still meets the deadline at the prediction; if none is insured, the one
-    whose worst case is soonest among those that meet the deadline at the prediction.
+    option that is insured *and* still meets the deadline at the prediction ("viable"); if none is
+    insured, the viable one whose worst case is soonest.
     Infeasible at the prediction: plan for the smallest rise in throughput (up to `ROBUST_MAX_RISE`x)
     that would make the SLO reachable, instead of the fastest plan at the prediction, which tends to queue
     recompute early and cannot profit from a later rise; past that, the fastest plan.
@@ -593,30 +626,43 @@ def _choose_robust(
     floor = mode.insurance_floor(bytes_per_s)
     if floor is None:
         floor = ROBUST_DROP_FACTOR * bytes_per_s
+    floor_first = _chunk_options(chunk, levels, costs, floor)
+    floor_rest = _fast_stages([_chunk_options(c, levels, costs, floor) for c in remaining[1:]])
+    nominal_rest = _fast_stages(options[1:])
+    worst_of: dict[int, float] = {}
+    viable_of: dict[int, bool] = {}
 
-    def worst(option: _Option) -> float:
-        index = options[0].index(option)
-        return _worst_case(index, remaining, levels, costs, floor, elapsed_s, compute_free_s)
+    def worst(index: int) -> float:  # completion if the link fell to the floor now
+        if index not in worst_of:
+            first = floor_first[index]
+            worst_of[index] = _fastest_completion(
+                (first.net_s, first.compute_s), floor_rest, elapsed_s, compute_free_s
+            )
+        return worst_of[index]
 
-    chosen = plan[0]
+    def viable(index: int) -> bool:  # the fastest continuation at the prediction meets the deadline
+        if index not in viable_of:
+            first = options[0][index]
+            continuation = _fastest_completion(
+                (first.net_s, first.compute_s), nominal_rest, elapsed_s, compute_free_s
+            )
+            viable_of[index] = continuation <= deadline
+        return viable_of[index]
+
+    chosen = options[0].index(plan[0])
     if worst(chosen) <= deadline:
-        return _decision(chunk, chosen, "robust: best plan within SLO, insured", completion)
-    # Options from which the fastest continuation at the prediction still meets the deadline: insuring
-    # against the unlikely case must not give up the likely one.
-    viable = [
-        o
-        for o in options[0]
-        if _fastest_completion([[o], *options[1:]], elapsed_s, compute_free_s) <= deadline
-    ]
-    worst_of = {id(o): worst(o) for o in viable}
-    insured = [o for o in viable if worst_of[id(o)] <= deadline]
-    if insured:
-        option = min(insured, key=lambda o: (o.loss, o.nbytes))
-        reason = "robust: lowered to stay insured against a drop"
-    else:
-        option = min(viable, key=lambda o: (worst_of[id(o)], o.loss))
-        reason = "robust: no option insured against a drop, safest one within SLO"
-    return _decision(chunk, option, reason, completion)
+        return _decision(chunk, plan[0], "robust: best plan within SLO, insured", completion)
+    # Best quality first (then fewer bytes); insuring against the unlikely case must not give up the
+    # likely one, so only viable options count.
+    by_quality = sorted(range(len(options[0])), key=lambda i: (options[0][i].loss, options[0][i].nbytes))
+    for index in by_quality:
+        if worst(index) <= deadline and viable(index):
+            reason = "robust: lowered to stay insured against a drop"
+            return _decision(chunk, options[0][index], reason, completion)
+    candidates = [i for i in by_quality if viable(i)] or [chosen]
+    safest = min(candidates, key=worst)  # min keeps the first of equals: the better quality
+    reason = "robust: no option insured against a drop, safest one within SLO"
+    return _decision(chunk, options[0][safest], reason, completion)
 
 
 def _smallest_feasible_rise(
@@ -628,15 +674,18 @@ def _smallest_feasible_rise(
     compute_free_s: float,
     deadline_s: float,
     max_rise: float = ROBUST_MAX_RISE,
-    steps: int = 8,
+    steps: int = 6,
 ) -> float | None:
     """The smallest factor in (1, max_rise] by which the throughput would have to rise for the fastest
-    plan to meet the deadline (bisection in log space; completion only falls as the rate rises), or
-    None if even `max_rise` is not enough."""
+    plan to meet the deadline (bisection in log space, to within max_rise ** (1 / 2**steps); completion
+    only falls as the rate rises), or None if even `max_rise` is not enough."""
 
     def fits(factor: float) -> bool:
-        opts = [_chunk_options(c, levels, costs, bytes_per_s * factor) for c in remaining]
-        return _fastest_completion(opts, elapsed_s, compute_free_s) <= deadline_s
+        stages = _fast_stages([_chunk_options(c, levels, costs, bytes_per_s * factor) for c in remaining])
+        return any(
+            _fastest_completion(first, stages[1:], elapsed_s, compute_free_s) <= deadline_s
+            for first in stages[0]
+        )
 
     if not fits(max_rise):
         return None
