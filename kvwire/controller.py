@@ -148,6 +148,9 @@ class Mode:
         at a level from which the fastest continuation would still meet the deadline if the link fell to
         the floor right now (when no option is insurable, the policy's choice stands). See
         docs/controller.md.
+        drop_factor: insure against the link falling to this share of the predicted throughput (in
+        (0, 1]); with a floor too, the larger of the two floors applies. The robust policy insures
+        against `ROBUST_DROP_FACTOR` when neither is given, and handles an uninsurable chunk its own way.
         """
         if not (math.isfinite(slo_s) and slo_s > 0):
             raise InvalidInputError(f"SLO must be finite and > 0 seconds, got {slo_s}")
