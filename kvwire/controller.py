@@ -2,7 +2,7 @@
 
 A pure policy module: no I/O, no clock reads, no torch. The caller passes in the chunk options from the
 manifest, the time elapsed since the request started, a throughput estimate and the device's costs; it gets
-back a `Decision` per chunk (also logged). Two adaptive policies are kept side by side so a benchmark can
+back a `Decision` per chunk (also logged). Three adaptive policies are kept side by side so a benchmark can
 compare them (see benchmarks/controller_sim.py and docs/controller.md):
 
 - ``"cachegen"``: CacheGen's rule (SIGCOMM'24, section 5.3). Assume the remaining chunks all go at one
@@ -10,6 +10,10 @@ compare them (see benchmarks/controller_sim.py and docs/controller.md):
   of "smallest level" or "text" finishes sooner.
 - ``"lookahead"``: plan every remaining chunk at once (start from the fastest plan, then greedily upgrade
   chunks while the whole plan still meets the SLO), send the first chunk of the plan, re-plan at the next.
+- ``"robust"`` (the default): the lookahead, made to survive a drop in throughput. Each chunk is insured:
+  if the link fell to a fraction of the prediction right now, the fastest continuation (mostly text, which
+  needs no bandwidth, and the smallest level) must still meet the SLO. When the SLO is out of reach at the
+  prediction, it plans for the smallest rise that would make it reachable instead of queueing recompute.
 
 Timing model (documented in docs/controller.md): the network fetches chunks one after another; the compute
 device processes chunks one after another in chunk order (decoding a KV chunk or recomputing a text chunk,
@@ -31,8 +35,14 @@ from kvwire.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 DecisionKind = Literal["kv", "text"]
-Policy = Literal["cachegen", "lookahead"]
-POLICIES: tuple[Policy, ...] = ("cachegen", "lookahead")
+Policy = Literal["cachegen", "lookahead", "robust"]
+POLICIES: tuple[Policy, ...] = ("cachegen", "lookahead", "robust")
+# The robust policy's defaults: insure each chunk against the link falling to this share of the
+# prediction (a 10x drop: the step-down trace's; 0.15 already fails it in a third of the runs), and when the
+# SLO is out of reach at the prediction, aim for the smallest rise (up to this factor) that would make it
+# reachable. Chosen on the simulation in benchmarks/controller_sim.py (docs/controller.md).
+ROBUST_DROP_FACTOR = 0.1
+ROBUST_MAX_RISE = 4.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -113,6 +123,7 @@ class Mode:
     slo_s: float | None = None
     margin: float = 0.0
     floor_bytes_per_s: float | None = None
+    drop_factor: float | None = None
 
     @classmethod
     def fixed_level(cls, level: int) -> Mode:
@@ -123,7 +134,13 @@ class Mode:
         return cls("text")
 
     @classmethod
-    def adaptive(cls, slo_s: float, margin: float = 0.0, floor_bytes_per_s: float | None = None) -> Mode:
+    def adaptive(
+        cls,
+        slo_s: float,
+        margin: float = 0.0,
+        floor_bytes_per_s: float | None = None,
+        drop_factor: float | None = None,
+    ) -> Mode:
         """Meet `slo_s` (seconds from request start to the whole cache being ready).
 
         margin: plan against `slo_s * (1 - margin)`, keeping a share of the budget for surprises.
@@ -131,6 +148,9 @@ class Mode:
         at a level from which the fastest continuation would still meet the deadline if the link fell to
         the floor right now (when no option is insurable, the policy's choice stands). See
         docs/controller.md.
+        drop_factor: insure against the link falling to this share of the predicted throughput (in
+        (0, 1]); with a floor too, the larger of the two floors applies. The robust policy insures
+        against `ROBUST_DROP_FACTOR` when neither is given, and handles an uninsurable chunk its own way.
         """
         if not (math.isfinite(slo_s) and slo_s > 0):
             raise InvalidInputError(f"SLO must be finite and > 0 seconds, got {slo_s}")
@@ -138,7 +158,26 @@ class Mode:
             raise InvalidInputError(f"margin must be in [0, 1), got {margin}")
         if floor_bytes_per_s is not None and not (math.isfinite(floor_bytes_per_s) and floor_bytes_per_s > 0):
             raise InvalidInputError(f"floor_bytes_per_s must be finite and > 0, got {floor_bytes_per_s}")
-        return cls("adaptive", slo_s=slo_s, margin=margin, floor_bytes_per_s=floor_bytes_per_s)
+        if drop_factor is not None and not (0 < drop_factor <= 1):
+            raise InvalidInputError(f"drop_factor must be in (0, 1], got {drop_factor}")
+        return cls(
+            "adaptive",
+            slo_s=slo_s,
+            margin=margin,
+            floor_bytes_per_s=floor_bytes_per_s,
+            drop_factor=drop_factor,
+        )
+
+    def insurance_floor(self, bytes_per_s: float) -> float | None:
+        """The throughput the next chunk is insured against: the absolute floor, the relative drop
+        (`drop_factor` x the prediction), or the larger of the two when both are set (the link may fall
+        by the factor, but never below a known floor)."""
+        floors = []
+        if self.floor_bytes_per_s is not None:
+            floors.append(self.floor_bytes_per_s)
+        if self.drop_factor is not None:
+            floors.append(self.drop_factor * bytes_per_s)
+        return max(floors) if floors else None
 
     @property
     def deadline_s(self) -> float | None:
@@ -423,7 +462,7 @@ def choose_next(
     *,
     elapsed_s: float,
     bytes_per_s: float | None,
-    policy: Policy = "lookahead",
+    policy: Policy = "robust",
     compute_free_s: float | None = None,
 ) -> Decision:
     """Decide the first of `remaining` (chunks not yet requested, in order).
@@ -457,30 +496,78 @@ def choose_next(
         reason = (
             "cachegen: best uniform level within SLO" if feasible else "cachegen: SLO infeasible, fastest"
         )
+    elif policy == "robust":
+        return _choose_robust(remaining, sorted_levels, mode, costs, elapsed_s, bytes_per_s, compute_free)
     else:
         plan, completion, feasible = _plan_lookahead(all_options, elapsed_s, compute_free, deadline)
         option = plan[0]
         reason = "lookahead: best plan within SLO" if feasible else "lookahead: SLO infeasible, fastest plan"
-    if mode.floor_bytes_per_s is not None:
+    floor = mode.insurance_floor(bytes_per_s)
+    if floor is not None:
         insured = _insure(
-            option,
-            all_options[0],
-            remaining,
-            sorted_levels,
-            costs,
-            mode.floor_bytes_per_s,
-            elapsed_s,
-            compute_free,
-            deadline,
+            option, all_options, remaining, sorted_levels, costs, floor, elapsed_s, compute_free, deadline
         )
         if insured is not option:
             option, reason = insured, reason + "; lowered to stay insured against the floor throughput"
     return _decision(chunk, option, reason, completion)
 
 
+def _fast_stages(options: Sequence[Sequence[_Option]]) -> list[list[tuple[float, float]]]:
+    """Per chunk, the (network s, compute s) pairs that can be on a fastest plan (the pairs no other
+    option beats on both stages; quality plays no part in speed)."""
+    stages = []
+    for chunk_options in options:
+        kept: list[tuple[float, float]] = []
+        for net_s, compute_s in sorted({(o.net_s, o.compute_s) for o in chunk_options}):
+            if not kept or compute_s < kept[-1][1]:  # by network time: keep it only if it computes faster
+                kept.append((net_s, compute_s))
+        stages.append(kept)
+    return stages
+
+
+def _fastest_completion(
+    first: tuple[float, float],
+    rest: Sequence[Sequence[tuple[float, float]]],
+    start_s: float,
+    compute_free_s: float,
+    max_front: int = 128,
+) -> float:
+    """Earliest completion with the next chunk's (network s, compute s) fixed to `first` and every later
+    chunk at its fastest: `_fastest_plan`'s dynamic programming (same front, same thinning) without
+    keeping the plan, which is all the robust policy's what-if questions need."""
+    net_done = start_s + first[0]
+    front = [(net_done, max(compute_free_s, net_done) + first[1])]
+    for pairs in rest:
+        grown = sorted((net + a, max(comp, net + a) + b) for net, comp in front for a, b in pairs)
+        front = []
+        for state in grown:
+            if not front or state[1] < front[-1][1]:
+                front.append(state)
+        if len(front) > max_front:
+            step = (len(front) - 1) / (max_front - 1)
+            front = [front[round(i * step)] for i in range(max_front)]
+    return min(comp for _, comp in front)
+
+
+def _worst_case(
+    first_index: int,
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    costs: CostModel,
+    floor_bytes_per_s: float,
+    start_s: float,
+    compute_free_s: float,
+) -> float:
+    """Completion if the link fell to `floor_bytes_per_s` now: the next chunk sent as option
+    `first_index` (an index into `_chunk_options`), every later one as fast as possible at the floor."""
+    floor_first = _chunk_options(remaining[0], levels, costs, floor_bytes_per_s)[first_index]
+    rest = _fast_stages([_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining[1:]])
+    return _fastest_completion((floor_first.net_s, floor_first.compute_s), rest, start_s, compute_free_s)
+
+
 def _insure(
     chosen: _Option,
-    first_options: Sequence[_Option],
+    all_options: Sequence[Sequence[_Option]],
     remaining: Sequence[ChunkOption],
     levels: Sequence[int],
     costs: CostModel,
@@ -492,17 +579,124 @@ def _insure(
     """The best-quality option for the next chunk, no bigger than `chosen`, whose worst case (this chunk
     and every later one at the floor throughput, later ones sent as fast as possible) meets the deadline;
     `chosen` itself if it is insured or if nothing is."""
-    floor_options = [_chunk_options(c, levels, costs, floor_bytes_per_s) for c in remaining]
+    first_options = all_options[0]
 
-    def worst_case(first: _Option) -> float:
-        at_floor = floor_options[0][first_options.index(first)]
-        plan = _fastest_plan([[at_floor], *floor_options[1:]], start_s, compute_free_s)
-        return _completion(start_s, compute_free_s, plan)
+    def worst(option: _Option) -> float:
+        index = first_options.index(option)
+        return _worst_case(index, remaining, levels, costs, floor_bytes_per_s, start_s, compute_free_s)
 
-    if worst_case(chosen) <= deadline_s:
+    if worst(chosen) <= deadline_s:
         return chosen
-    insured = [o for o in first_options if o.nbytes < chosen.nbytes and worst_case(o) <= deadline_s]
+    insured = [o for o in first_options if o.nbytes < chosen.nbytes and worst(o) <= deadline_s]
     return min(insured, key=lambda o: (o.loss, o.nbytes)) if insured else chosen
+
+
+def _choose_robust(
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    mode: Mode,
+    costs: CostModel,
+    elapsed_s: float,
+    bytes_per_s: float,
+    compute_free_s: float,
+) -> Decision:
+    """The robust policy (see docs/controller.md): the lookahead, made to keep its options open.
+
+    Feasible at the prediction: take the lookahead's choice if it is insured against a drop to
+    `mode.insurance_floor` (default `ROBUST_DROP_FACTOR` x the prediction) right now; otherwise the best
+    option that is insured *and* still meets the deadline at the prediction ("viable"); if none is
+    insured, the viable one whose worst case is soonest.
+    Infeasible at the prediction: plan for the smallest rise in throughput (up to `ROBUST_MAX_RISE`x)
+    that would make the SLO reachable, instead of the fastest plan at the prediction, which tends to queue
+    recompute early and cannot profit from a later rise; past that, the fastest plan.
+    """
+    chunk = remaining[0]
+    deadline = mode.deadline_s
+    assert deadline is not None
+    options = [_chunk_options(c, levels, costs, bytes_per_s) for c in remaining]
+    plan, completion, feasible = _plan_lookahead(options, elapsed_s, compute_free_s, deadline)
+    if not feasible:
+        rise = _smallest_feasible_rise(
+            remaining, levels, costs, bytes_per_s, elapsed_s, compute_free_s, deadline
+        )
+        if rise is None:
+            return _decision(chunk, plan[0], "robust: SLO infeasible, fastest plan", completion)
+        hoped = [_chunk_options(c, levels, costs, bytes_per_s * rise) for c in remaining]
+        hoped_plan, _, _ = _plan_lookahead(hoped, elapsed_s, compute_free_s, deadline)
+        option = options[0][hoped[0].index(hoped_plan[0])]
+        reason = f"robust: SLO infeasible at the prediction, planned for a {rise:.2g}x rise"
+        return _decision(chunk, option, reason, completion)
+    floor = mode.insurance_floor(bytes_per_s)
+    if floor is None:
+        floor = ROBUST_DROP_FACTOR * bytes_per_s
+    floor_first = _chunk_options(chunk, levels, costs, floor)
+    floor_rest = _fast_stages([_chunk_options(c, levels, costs, floor) for c in remaining[1:]])
+    nominal_rest = _fast_stages(options[1:])
+    worst_of: dict[int, float] = {}
+    viable_of: dict[int, bool] = {}
+
+    def worst(index: int) -> float:  # completion if the link fell to the floor now
+        if index not in worst_of:
+            first = floor_first[index]
+            worst_of[index] = _fastest_completion(
+                (first.net_s, first.compute_s), floor_rest, elapsed_s, compute_free_s
+            )
+        return worst_of[index]
+
+    def viable(index: int) -> bool:  # the fastest continuation at the prediction meets the deadline
+        if index not in viable_of:
+            first = options[0][index]
+            continuation = _fastest_completion(
+                (first.net_s, first.compute_s), nominal_rest, elapsed_s, compute_free_s
+            )
+            viable_of[index] = continuation <= deadline
+        return viable_of[index]
+
+    chosen = options[0].index(plan[0])
+    if worst(chosen) <= deadline:
+        return _decision(chunk, plan[0], "robust: best plan within SLO, insured", completion)
+    # Best quality first (then fewer bytes); insuring against the unlikely case must not give up the
+    # likely one, so only viable options count.
+    by_quality = sorted(range(len(options[0])), key=lambda i: (options[0][i].loss, options[0][i].nbytes))
+    for index in by_quality:
+        if worst(index) <= deadline and viable(index):
+            reason = "robust: lowered to stay insured against a drop"
+            return _decision(chunk, options[0][index], reason, completion)
+    candidates = [i for i in by_quality if viable(i)] or [chosen]
+    safest = min(candidates, key=worst)  # min keeps the first of equals: the better quality
+    reason = "robust: no option insured against a drop, safest one within SLO"
+    return _decision(chunk, options[0][safest], reason, completion)
+
+
+def _smallest_feasible_rise(
+    remaining: Sequence[ChunkOption],
+    levels: Sequence[int],
+    costs: CostModel,
+    bytes_per_s: float,
+    elapsed_s: float,
+    compute_free_s: float,
+    deadline_s: float,
+    max_rise: float = ROBUST_MAX_RISE,
+    steps: int = 6,
+) -> float | None:
+    """The smallest factor in (1, max_rise] by which the throughput would have to rise for the fastest
+    plan to meet the deadline (bisection in log space, to within max_rise ** (1 / 2**steps); completion
+    only falls as the rate rises), or None if even `max_rise` is not enough."""
+
+    def fits(factor: float) -> bool:
+        stages = _fast_stages([_chunk_options(c, levels, costs, bytes_per_s * factor) for c in remaining])
+        return any(
+            _fastest_completion(first, stages[1:], elapsed_s, compute_free_s) <= deadline_s
+            for first in stages[0]
+        )
+
+    if not fits(max_rise):
+        return None
+    low, high = 1.0, max_rise
+    for _ in range(steps):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -522,7 +716,7 @@ class ThroughputEstimator:
     the prediction down. Before any sample, `prior_bytes_per_s` is returned.
     """
 
-    method: Literal["harmonic", "robust", "last"] = "harmonic"
+    method: Literal["harmonic", "robust", "last", "conservative"] = "harmonic"
     window: int = 5
     safety: float = 1.0
     prior_bytes_per_s: float | None = None
@@ -530,7 +724,7 @@ class ThroughputEstimator:
     _errors: deque[float] = field(default_factory=deque, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.method not in ("harmonic", "robust", "last"):
+        if self.method not in ("harmonic", "robust", "last", "conservative"):
             raise InvalidInputError(f"unknown estimator method {self.method!r}")
         if self.window < 1:
             raise InvalidInputError("window must be >= 1")
@@ -569,6 +763,8 @@ class ThroughputEstimator:
             return self.prior_bytes_per_s * self.safety
         if self.method == "last":
             estimate = self._samples[-1]
+        elif self.method == "conservative":
+            estimate = min(self._samples[-1], self._harmonic())
         elif self.method == "robust":
             estimate = self._harmonic() / (1.0 + max(self._errors, default=0.0))
         else:
@@ -589,7 +785,7 @@ class Controller:
         mode: Mode,
         costs: CostModel,
         *,
-        policy: Policy = "lookahead",
+        policy: Policy = "robust",
         estimator: ThroughputEstimator | None = None,
     ) -> None:
         if policy not in POLICIES:

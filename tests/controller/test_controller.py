@@ -92,7 +92,9 @@ def test_lookahead_meets_slo_whenever_a_plan_can(chunks, costs, rate, slo, now) 
         # No plan meets the SLO: the plan is the fastest there is (exact DP).
         assert predicted == pytest.approx(min(times), rel=1e-9)
         assert "infeasible" in decisions[0].reason
-    first = choose_next(chunks, LEVELS, Mode.adaptive(slo), costs, elapsed_s=now, bytes_per_s=rate)
+    first = choose_next(
+        chunks, LEVELS, Mode.adaptive(slo), costs, elapsed_s=now, bytes_per_s=rate, policy="lookahead"
+    )
     assert (first.kind, first.level) == plan[0]
 
 
@@ -154,7 +156,7 @@ def test_fixed_modes_are_fixed(chunks, costs, rate, level) -> None:
 def test_text_fallback_at_low_bandwidth_and_best_level_at_high() -> None:
     chunks = tuple(ChunkOption(i, 256, {0: 8_000_000, 1: 4_000_000, 2: 2_000_000}) for i in range(8))
     costs = CostModel(recompute_s_per_token=1e-4, decode_s_per_chunk=0.002)
-    for policy in ("cachegen", "lookahead"):
+    for policy in ("cachegen", "lookahead", "robust"):
         low = choose_next(
             chunks, LEVELS, Mode.adaptive(0.5), costs, elapsed_s=0, bytes_per_s=1e6, policy=policy
         )
@@ -170,7 +172,11 @@ def test_controller_logs_returns_and_learns(caplog: pytest.LogCaptureFixture) ->
     context = ContextOptions(LEVELS, chunks)
     estimator = ThroughputEstimator(prior_bytes_per_s=1e7)
     controller = Controller(
-        context, Mode.adaptive(1.0), CostModel(recompute_s_per_token=1.0), estimator=estimator
+        context,
+        Mode.adaptive(1.0),
+        CostModel(recompute_s_per_token=1.0),
+        policy="lookahead",
+        estimator=estimator,
     )
     caplog.set_level(logging.INFO, logger="kvwire.controller")
     elapsed = 0.0
@@ -255,10 +261,9 @@ def test_floor_insurance_lowers_the_next_chunk() -> None:
     # slow for text to be an option.)
     chunks = tuple(ChunkOption(i, 256, {0: 8_000_000, 1: 2_000_000, 2: 500_000}) for i in range(8))
     costs = CostModel(recompute_s_per_token=1e-2)
-    plain = choose_next(chunks, LEVELS, Mode.adaptive(1.0), costs, elapsed_s=0.0, bytes_per_s=1e9)
-    insured = choose_next(
-        chunks, LEVELS, Mode.adaptive(1.0, floor_bytes_per_s=1e7), costs, elapsed_s=0.0, bytes_per_s=1e9
-    )
+    kwargs = {"elapsed_s": 0.0, "bytes_per_s": 1e9, "policy": "lookahead"}
+    plain = choose_next(chunks, LEVELS, Mode.adaptive(1.0), costs, **kwargs)  # type: ignore[arg-type]
+    insured = choose_next(chunks, LEVELS, Mode.adaptive(1.0, floor_bytes_per_s=1e7), costs, **kwargs)  # type: ignore[arg-type]
     assert (plain.kind, plain.level) == ("kv", 0)
     assert insured.kind == "kv" and insured.level is not None and insured.level > 0
     assert "insured" in insured.reason
@@ -270,7 +275,15 @@ def test_margin_plans_against_a_shorter_deadline() -> None:
     chunks = tuple(ChunkOption(i, 256, {0: 4_000_000, 1: 2_000_000, 2: 1_000_000}) for i in range(4))
     costs = CostModel(recompute_s_per_token=1.0)
     plan = plan_remaining(chunks, LEVELS, costs, elapsed_s=0.0, bytes_per_s=1e7, slo_s=0.8)
-    d = choose_next(chunks, LEVELS, Mode.adaptive(1.0, margin=0.2), costs, elapsed_s=0.0, bytes_per_s=1e7)
+    d = choose_next(
+        chunks,
+        LEVELS,
+        Mode.adaptive(1.0, margin=0.2),
+        costs,
+        elapsed_s=0.0,
+        bytes_per_s=1e7,
+        policy="lookahead",
+    )
     assert (d.kind, d.level) == (plan[0].kind, plan[0].level)
     assert d.predicted_completion_s is not None and d.predicted_completion_s <= 0.8
     with pytest.raises(InvalidInputError):
