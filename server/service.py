@@ -392,6 +392,11 @@ class Worker:
             default_level=self.default_level,
             chunks=chunks,
         )
+        # The profile was stored when the worker started, but a store can lose it since (Redis
+        # eviction, a backend restarted empty): a manifest is never published without its profile.
+        profile = profile_key(self.profile.digest)
+        if not self.store.exists(profile):
+            self.store.put(profile, self.profile.to_bytes())
         # Published only now: every chunk and the profile are already in the store.
         self.store.put(manifest_key(request.tenant, request.context_id), manifest.to_json())
         return manifest
