@@ -46,6 +46,7 @@ from kvwire.errors import (
 from kvwire.server.config import ServiceSettings, hash_api_key
 from kvwire.server.jobs import Job
 from kvwire.server.service import ChunkEntry, ContextManifest, KvwireService, LevelEntry, crc32_hex
+from kvwire.server.timeouts import SendWatchdog, grpc_server_options
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ class KvwireServicer(pb_grpc.KvwireServicer):
     def __init__(self, service: KvwireService, settings: ServiceSettings | None = None):
         self.service = service
         self.settings = settings or service.settings
+        self.send_watchdog = SendWatchdog(self.settings.grpc_send_timeout_s)
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return authenticate(self.settings, context.invocation_metadata() or ())
@@ -340,7 +342,8 @@ class KvwireServicer(pb_grpc.KvwireServicer):
             # which HTTP/2 flow control holds back to the client's pace (once the socket buffers and
             # the flow-control window are full): that is the send time.
             sent = time.perf_counter()
-            yield message
+            with self.send_watchdog.guard(context):  # a client that stops reading loses the stream
+                yield message
             nbytes = message.ByteSize()
             if nbytes >= MIN_SAMPLE_BYTES:
                 controller.record_transfer(nbytes, max(time.perf_counter() - sent, 1e-6))
@@ -355,9 +358,12 @@ class GrpcServer:
 
     server: grpc.Server
     port: int
+    watchdog: SendWatchdog | None = None
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         self.server.stop(grace_s).wait()
+        if self.watchdog is not None:
+            self.watchdog.close()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))
@@ -367,9 +373,11 @@ def serve_grpc(service: KvwireService, settings: ServiceSettings, port: int) -> 
     """Start the gRPC API over ``service`` on ``settings.host:port`` (0 = a free port); do not block."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="kvwire-grpc"),
-        options=list(CHANNEL_OPTIONS),
+        options=[*CHANNEL_OPTIONS, *grpc_server_options(settings)],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    pb_grpc.add_KvwireServicer_to_server(KvwireServicer(service, settings), server)
+    servicer = KvwireServicer(service, settings)
+    pb_grpc.add_KvwireServicer_to_server(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -379,4 +387,4 @@ def serve_grpc(service: KvwireService, settings: ServiceSettings, port: int) -> 
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}")
     server.start()
     log.info("kvwire gRPC API on %s:%d", host, bound)
-    return GrpcServer(server, bound)
+    return GrpcServer(server, bound, servicer.send_watchdog)

@@ -437,6 +437,7 @@ def serve(settings: ServiceSettings | None = None) -> None:
     import uvicorn
 
     from kvwire.server.service import build_service
+    from kvwire.server.timeouts import uvicorn_options
 
     settings = settings or ServiceSettings()
     if not settings.auth_enabled and not settings.allow_anonymous and not _is_loopback(settings.host):
@@ -451,8 +452,14 @@ def serve(settings: ServiceSettings | None = None) -> None:
             from kvwire.server.grpc_server import serve_grpc
 
             grpc_server = serve_grpc(service, settings, settings.grpc_port)
-        uvicorn.run(create_app(service, settings), host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(
+            create_app(service, settings),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            **uvicorn_options(settings),  # timeouts against stalled clients (kvwire.server.timeouts)
+        )
     finally:
         if grpc_server is not None:
-            grpc_server.stop()
+            grpc_server.stop(settings.shutdown_grace_s)
         service.close()

@@ -628,6 +628,9 @@ def open_job_queue(settings: ServiceSettings) -> JobQueue:
             max_deliveries=settings.jobs_max_deliveries,
             max_pending=settings.max_pending_jobs,
             job_ttl_s=settings.jobs_ttl_s,
+            # The same socket and connect timeouts as the Redis store (docs/service.md, "Timeouts").
+            socket_timeout_s=settings.storage.redis_socket_timeout_s,
+            connect_timeout_s=settings.storage.redis_connect_timeout_s,
         )
     return InProcessJobQueue(max_pending=settings.max_pending_jobs)
 
