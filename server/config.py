@@ -132,6 +132,8 @@ class ServiceSettings(BaseSettings):
     def _parse_levels(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(int(v) for v in value.split(",") if v.strip()) or None
+        if isinstance(value, int) and not isinstance(value, bool):  # KVWIRE_LEVELS=2 arrives JSON-decoded
+            return (value,)
         return value
 
     @property
