@@ -117,6 +117,10 @@ class ServiceSettings(BaseSettings):
     grpc_send_timeout_s: float = Field(default=30.0, gt=0)  # a stream the client stops reading
     grpc_keepalive_s: float = Field(default=60.0, gt=0)  # ping idle connections; drop dead peers
     grpc_max_connection_idle_s: float = Field(default=300.0, gt=0)
+    # A connection is closed (GOAWAY; clients reconnect) after this, its calls given the grace to end:
+    # the bound on how long an unread unary response can stay buffered in the server.
+    grpc_max_connection_age_s: float = Field(default=3600.0, gt=0)
+    grpc_max_connection_age_grace_s: float = Field(default=300.0, gt=0)
 
     storage: StorageSettings = Field(default_factory=StorageSettings)
 

@@ -204,5 +204,7 @@ def grpc_server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(settings.grpc_keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grpc_max_connection_age_grace_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
