@@ -110,7 +110,9 @@ class ServiceSettings(BaseSettings):
     # slow or stalled, holds a connection, thread or buffer for longer than these.
     http_read_timeout_s: float = Field(default=10.0, gt=0)  # a request's headers; each pause in its body
     http_send_timeout_s: float = Field(default=30.0, gt=0)  # a client that reads nothing of its response
-    http_keep_alive_s: int = Field(default=5, gt=0)  # idle keep-alive connections
+    # Idle keep-alive connections. Longer than clients keep idle connections (httpx: 5 s, browsers and
+    # load balancers up to 60 s), so the server never closes one just as a client reuses it.
+    http_keep_alive_s: int = Field(default=75, gt=0)
     http_backlog: int = Field(default=2048, gt=0)
     shutdown_grace_s: int = Field(default=10, ge=0)  # in-flight requests finish on SIGTERM
     grpc_max_concurrent_rpcs: int = Field(default=256, gt=0)  # more get RESOURCE_EXHAUSTED
