@@ -189,9 +189,7 @@ class Soak:
         rng = random.Random(self.o.seed)
         n_tokens = self.o.chunk_tokens * self.o.context_chunks
         headers = {"Authorization": f"Bearer {self.keys[TENANTS[0]]}"}
-        async with httpx.AsyncClient(
-            base_url=self.server.base_url, headers=headers, timeout=600
-        ) as client:
+        async with httpx.AsyncClient(base_url=self.server.base_url, headers=headers, timeout=600) as client:
             for i in range(self.o.contexts):
                 ids = [rng.randrange(1, self.o.vocab) for _ in range(n_tokens)]
                 r = await client.post("/v1/contexts", json={"token_ids": ids, "context_id": f"ref-{i}"})
