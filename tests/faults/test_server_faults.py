@@ -107,16 +107,6 @@ def fetch_all(client: httpx.Client, manifest: ContextManifest) -> list[bytes]:
     return out
 
 
-@pytest.fixture
-def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
-    proc = RedisProcess(tmp_path / "redis", persist=True)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
 def start_server(tmp_path: Path, env: dict[str, str]) -> KvwireProcess:
     server = KvwireProcess(tmp_path / "server", env)
     server.start(timeout_s=60)
