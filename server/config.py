@@ -118,6 +118,24 @@ class ServiceSettings(BaseSettings):
     jobs_max_deliveries: int = Field(default=3, gt=0)
     jobs_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)  # job records expire (Redis queue)
 
+    # Timeouts and limits of the servers themselves (docs/service.md, "Timeouts"): no client, however
+    # slow or stalled, holds a connection, thread or buffer for longer than these.
+    http_read_timeout_s: float = Field(default=10.0, gt=0)  # a request's headers; each pause in its body
+    http_send_timeout_s: float = Field(default=30.0, gt=0)  # a client that reads nothing of its response
+    # Idle keep-alive connections. Longer than clients keep idle connections (httpx: 5 s, browsers and
+    # load balancers up to 60 s), so the server never closes one just as a client reuses it.
+    http_keep_alive_s: int = Field(default=75, gt=0)
+    http_backlog: int = Field(default=2048, gt=0)
+    shutdown_grace_s: int = Field(default=10, ge=0)  # in-flight requests finish on SIGTERM
+    grpc_max_concurrent_rpcs: int = Field(default=256, gt=0)  # more get RESOURCE_EXHAUSTED
+    grpc_send_timeout_s: float = Field(default=30.0, gt=0)  # a stream the client stops reading
+    grpc_keepalive_s: float = Field(default=60.0, gt=0)  # ping idle connections; drop dead peers
+    grpc_max_connection_idle_s: float = Field(default=300.0, gt=0)
+    # A connection is closed (GOAWAY; clients reconnect) after this, its calls given the grace to end:
+    # the bound on how long an unread unary response can stay buffered in the server.
+    grpc_max_connection_age_s: float = Field(default=3600.0, gt=0)
+    grpc_max_connection_age_grace_s: float = Field(default=300.0, gt=0)
+
     storage: StorageSettings = Field(default_factory=StorageSettings)
 
     @field_validator("api_keys", mode="before")
@@ -150,6 +168,8 @@ class ServiceSettings(BaseSettings):
     def _parse_levels(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(int(v) for v in value.split(",") if v.strip()) or None
+        if isinstance(value, int) and not isinstance(value, bool):  # KVWIRE_LEVELS=2 arrives JSON-decoded
+            return (value,)
         return value
 
     @property

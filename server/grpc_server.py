@@ -54,6 +54,7 @@ from kvwire.server.service import (
     LevelEntry,
     crc32_hex,
 )
+from kvwire.server.timeouts import SendWatchdog, grpc_server_options
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         self.service = service
         self.settings = settings or service.settings
         self.access = access or AccessControl(self.settings)
+        self.send_watchdog = SendWatchdog(self.settings.grpc_send_timeout_s)
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return authenticate(self.access, context.invocation_metadata() or ())
@@ -356,7 +358,8 @@ class KvwireServicer(pb_grpc.KvwireServicer):
             # which HTTP/2 flow control holds back to the client's pace (once the socket buffers and
             # the flow-control window are full): that is the send time.
             sent = time.perf_counter()
-            yield message
+            with self.send_watchdog.guard(context):  # a client that stops reading loses the stream
+                yield message
             nbytes = message.ByteSize()
             if nbytes >= MIN_SAMPLE_BYTES:
                 controller.record_transfer(nbytes, max(time.perf_counter() - sent, 1e-6))
@@ -371,9 +374,12 @@ class GrpcServer:
 
     server: grpc.Server
     port: int
+    watchdog: SendWatchdog | None = None
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         self.server.stop(grace_s).wait()
+        if self.watchdog is not None:
+            self.watchdog.close()
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))
@@ -401,9 +407,11 @@ def serve_grpc(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="kvwire-grpc"),
-        options=list(CHANNEL_OPTIONS),
+        options=[*CHANNEL_OPTIONS, *grpc_server_options(settings)],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
-    pb_grpc.add_KvwireServicer_to_server(KvwireServicer(service, settings, access), server)
+    servicer = KvwireServicer(service, settings, access)
+    pb_grpc.add_KvwireServicer_to_server(servicer, server)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     credentials = server_credentials(settings)
     try:
@@ -417,4 +425,4 @@ def serve_grpc(
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}")
     server.start()
     log.info("kvwire gRPC API on %s:%d%s", host, bound, " (TLS)" if credentials else "")
-    return GrpcServer(server, bound)
+    return GrpcServer(server, bound, servicer.send_watchdog)

@@ -478,6 +478,7 @@ def serve(settings: ServiceSettings | None = None) -> None:
     import uvicorn
 
     from kvwire.server.service import build_service
+    from kvwire.server.timeouts import uvicorn_options
 
     settings = settings or ServiceSettings()
     if not settings.auth_enabled and not settings.allow_anonymous and not _is_loopback(settings.host):
@@ -503,8 +504,9 @@ def serve(settings: ServiceSettings | None = None) -> None:
             port=settings.port,
             log_level="info",
             **tls,
+            **uvicorn_options(settings),  # timeouts against stalled clients (kvwire.server.timeouts)
         )
     finally:
         if grpc_server is not None:
-            grpc_server.stop()
+            grpc_server.stop(settings.shutdown_grace_s)
         service.close()

@@ -419,6 +419,11 @@ class Worker:
             default_level=self.default_level,
             chunks=chunks,
         )
+        # The profile was stored when the worker started, but a store can lose it since (Redis
+        # eviction, a backend restarted empty): a manifest is never published without its profile.
+        profile = profile_key(self.profile.digest)
+        if not self.store.exists(profile):
+            self.store.put(profile, self.profile.to_bytes())
         # Published only now: every chunk and the profile are already in the store.
         self.store.put(manifest_key(request.tenant, request.context_id), manifest.to_json())
         return manifest
@@ -667,6 +672,9 @@ def open_job_queue(settings: ServiceSettings) -> JobQueue:
             max_pending=settings.max_pending_jobs,
             max_per_tenant=settings.max_jobs_per_tenant,
             job_ttl_s=settings.jobs_ttl_s,
+            # The same socket and connect timeouts as the Redis store (docs/service.md, "Timeouts").
+            socket_timeout_s=settings.storage.redis_socket_timeout_s,
+            connect_timeout_s=settings.storage.redis_connect_timeout_s,
         )
     return InProcessJobQueue(
         max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant
