@@ -40,6 +40,10 @@ DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_LANES = 32
 DEADZONE = 0.0
 CODEC_VERSION = fmt.FORMAT_VERSION
+# Step exponents a chunk may carry (step = mant * 2**-exp). The encoder's steps (level step or base_step
+# in 1e-6..1e6, times a layer weight in 2**-40..2**40) need about -53..68; capping the negative side at
+# -64 keeps every reconstructed coefficient below 2**115, so float32 decoding never overflows.
+MIN_STEP_EXP, MAX_STEP_EXP = -64, 120
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -130,6 +134,8 @@ def step_codes(
     for layer in range(L):
         for k in range(2):
             m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
+            if not MIN_STEP_EXP <= e <= MAX_STEP_EXP:
+                raise InvalidInputError(f"quantisation step {step0} x layer weight is out of range")
             mant[layer, k], exp[layer, k] = m, e
             steps[layer, k] = m * 2.0**-e
     return mant, exp, steps
@@ -320,9 +326,20 @@ def validate_chunk(
     bank = table_bank()
     if np.any(sec.classes >= bank.n_tables):
         raise CorruptChunkError("chunk names a table outside the bank")
-    if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(np.abs(sec.step_exp) > 120):
+    if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(
+        (sec.step_exp < MIN_STEP_EXP) | (sec.step_exp > MAX_STEP_EXP)
+    ):
         raise CorruptChunkError("chunk holds an invalid quantisation step")
+    if h.n_raw and not _raw_rows_finite(sec.raw_values, h.dtype):
+        raise CorruptChunkError("chunk holds non-finite raw values (an encoder never writes them)")
     return h, sec
+
+
+def _raw_rows_finite(raw_values: np.ndarray, dtype: str) -> bool:
+    """Whether every stored raw value (bytes [n_raw, H, D, dtype bytes]) is finite."""
+    values = torch.from_numpy(np.array(raw_values).reshape(-1)).view(_TORCH_DTYPES[dtype])  # a copy:
+    # the sections are read-only views of the chunk
+    return bool(torch.isfinite(values).all())
 
 
 def _use_gpu(backend: str, device: str | torch.device | None, tensor: torch.Tensor | None = None) -> bool:
