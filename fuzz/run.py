@@ -9,8 +9,9 @@ TARGET is one of ``decode``, ``gpu_header``, ``profile`` (see ``fuzz/targets.py`
 finding) and the process an RSS limit (a larger allocation is a finding). The chunk targets use a
 custom mutator (``targets.mutate_chunk``) that mostly rewrites the CRC after libFuzzer's byte mutation
 or a header-field edit, so mutants get past the checksum into the parser, the rANS decoder and
-reconstruction. Only kvwire's (and this package's) Python is instrumented: the numba decoder is not, so
-its safety rests on the checks in front of it (``codec.validate_chunk``), which are.
+reconstruction. Only kvwire's (and this package's) Python is instrumented: the numba decoder is not (its
+safety rests on the checks in front of it, ``codec.validate_chunk``, which are), but it is compiled
+with numba's bounds checking, so any out-of-bounds access it made would surface as an IndexError.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+
+# The numba decoder is compiled with bounds checks while fuzzing (an out-of-bounds index raises
+# IndexError, a finding, instead of reading stray memory), cached apart from the normal build.
+os.environ["NUMBA_BOUNDSCHECK"] = "1"
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kvwire-numba-boundscheck"))
 
 # Heavy native libraries are imported before instrumentation starts, so only kvwire code is instrumented.
 import numpy  # noqa: F401

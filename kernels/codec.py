@@ -362,9 +362,11 @@ def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.n
     """Entropy-decode every segment: int32 [segments, d, tokens]."""
     bank = table_bank()
     q = np.zeros((h.segments, h.group_dim, h.n_tokens), dtype=np.int32)
+    offsets = sec.offsets.astype(np.int64)
+    check_rans_inputs(sec.words, offsets, sec.states, sec.classes, q, bank.n_tables)
     status = rans.decode_segments(
         sec.words,
-        sec.offsets.astype(np.int64),
+        offsets,
         sec.states,
         sec.classes,
         h.n_tokens,
@@ -377,6 +379,39 @@ def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.n
     if status:
         raise CorruptChunkError(f"entropy-coded segment {status - 1} is corrupt")
     return q
+
+
+def check_rans_inputs(
+    words: np.ndarray,
+    offsets: np.ndarray,
+    states: np.ndarray,
+    classes: np.ndarray,
+    out: np.ndarray,
+    n_tables: int,
+) -> None:
+    """Every bound ``rans.decode_segments`` indexes with, checked where Python can see it.
+
+    The numba decoder runs without bounds checks; ``fmt.parse_chunk`` and ``validate_chunk`` already
+    imply all of these, and this states them in one place, next to the call: word ranges inside
+    ``words`` (the decoder also stops at its segment's end), one state per lane and at least one lane
+    (its per-lane scratch has ``lanes`` slots), table indices inside the bank (``lut[class, slot]``),
+    and an output of ``[segments, d, tokens]`` matching the classes. Raises CorruptChunkError.
+    """
+    n_seg, d = classes.shape
+    ok = (
+        words.ndim == 1
+        and offsets.shape == (n_seg + 1,)
+        and int(offsets[0]) >= 0
+        and bool(np.all(np.diff(offsets) >= 0))
+        and int(offsets[-1]) <= words.shape[0]
+        and states.ndim == 2
+        and states.shape[0] == n_seg
+        and states.shape[1] >= 1
+        and out.shape[:2] == (n_seg, d)
+        and (classes.size == 0 or int(classes.max()) < n_tables)
+    )
+    if not ok:
+        raise CorruptChunkError("chunk sections are inconsistent with the entropy decoder's layout")
 
 
 def reconstruct(

@@ -229,8 +229,8 @@ def parse_chunk(data: bytes | memoryview) -> tuple[ChunkHeader, ChunkSections]:
             f"payload size {h.payload_size} does not match the header's layout ({expect})"
         )
     if len(data) != HEADER_SIZE + expect:
-        what = "truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
-        raise CorruptChunkError(f"chunk is {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
+        what = "is truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
+        raise CorruptChunkError(f"chunk {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
     buf = memoryview(data)
     stored_crc = struct.unpack_from("<I", buf, HEADER_SIZE - 4)[0]
     head = bytes(buf[: HEADER_SIZE - 4]) + b"\0\0\0\0"
