@@ -67,12 +67,11 @@ def test_non_finite_raw_rows_are_refused() -> None:
 @pytest.mark.parametrize(("exp", "ok"), [(-65, False), (-64, True), (120, True), (121, False)])
 def test_step_exponent_range(exp: int, ok: bool) -> None:
     """Exponents below -64 would let a forged chunk overflow float32 reconstruction to inf."""
-    data = bytearray(_chunk_with_raw_rows())
-    h = fmt.read_header(data)
-    struct.pack_into(
-        f"<{h.segments}h", data, fmt.HEADER_SIZE + ((2 * h.segments + 3) & ~3), *[exp] * h.segments
-    )
-    data = targets.fix_crc(data)
+    buf = bytearray(_chunk_with_raw_rows())
+    h = fmt.read_header(buf)
+    step_exp_at = fmt.HEADER_SIZE + ((2 * h.segments + 3) & ~3)  # after the padded mantissas
+    struct.pack_into(f"<{h.segments}h", buf, step_exp_at, *[exp] * h.segments)
+    data = targets.fix_crc(buf)
     if ok:
         assert targets.check_decode(data) is not None  # decodes, and finite (checked by the target)
     else:
