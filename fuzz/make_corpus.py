@@ -67,7 +67,16 @@ def valid_chunks(prof: CalibrationProfile, seed: int) -> list[bytes]:
             if tokens == 19:
                 x[L - 1, 0, H - 1, 7] = 6e4  # an outlier row, stored raw
             x = x.to(dtypes[(i + tokens) % 3])
-            out.append(codec.encode_chunk(x, prof, level=level, token_start=start, lanes=lanes).data)
+            out.append(
+                codec.encode_chunk(
+                    x,
+                    prof,
+                    level=level,
+                    token_start=start,
+                    lanes=lanes,
+                    model_fingerprint=prof.model_fingerprint,
+                ).data
+            )
     flat = torch.zeros(L, 2, H, 6, D) + 0.5  # constant: every component dead, no rANS words
     out.append(codec.encode_chunk(flat, prof, level=2, token_start=1000).data)
     return out
