@@ -1,7 +1,8 @@
 """Build the fuzzers' fixed profiles and seed corpus: ``python -m fuzz.make_corpus``.
 
 Writes ``fuzz/profiles/*.safetensors`` (two tiny synthetic calibration profiles: a grouped one with RoPE
-and one with a head per group and no RoPE) and ``fuzz/corpus/<target>/`` seeds: small valid chunks at
+and one with a head per group and no RoPE) and the seeds in ``fuzz/corpus/``: for ``chunk/`` (read by
+the decode and gpu_header targets) small valid chunks at
 every level, dtype and several lane counts, token counts and starts (attention-sink and outlier raw
 rows, dead components), plus truncations, bit flips and CRC-fixed header edits of some of them; for
 the profile target the profiles themselves plus damaged copies. The outputs are committed; rerun only
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, prof in enumerate(profiles()):
         chunks += valid_chunks(prof, seed=100 * i)
     seeds = chunks + [d for c in chunks[::4] for d in damaged(c, rng)]
-    write_corpus(CORPUS_DIR / "decode", seeds)
-    write_corpus(CORPUS_DIR / "gpu_header", seeds)
+    write_corpus(CORPUS_DIR / "chunk", seeds)
     prof_seeds = [p.read_bytes() for p in sorted(PROFILE_DIR.glob("*.safetensors"))]
     for data in list(prof_seeds):
         buf = bytearray(data)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         cov.start()
     from fuzz import targets
 
-    dirs = args.dirs or [targets.CORPUS_DIR / args.target]
+    dirs = args.dirs or [targets.seed_dir(args.target)]
     tally: collections.Counter[str] = collections.Counter()
     inputs = [p.read_bytes() for folder in dirs for p in sorted(folder.iterdir()) if p.is_file()]
     for data in inputs:

@@ -3,9 +3,10 @@
     python -m fuzz.run TARGET [--seconds N] [--seed N] [--work DIR] [-- libFuzzer flags...]
     python -m fuzz.run decode --repro CRASH_FILE      # replay one input (no fuzzing)
 
-TARGET is one of ``decode``, ``gpu_header``, ``profile`` (see ``fuzz/targets.py``). The committed seeds in
-``fuzz/corpus/TARGET/`` are read but never written: new inputs go to ``--work`` (default a folder under
-``/tmp``), crashes to ``--work``/crash-*. Every input gets ``--timeout`` seconds (a slower one is a hang
+TARGET is one of ``decode``, ``gpu_header``, ``profile`` (see ``fuzz/targets.py``). The committed seeds
+in ``fuzz/corpus/`` (``chunk/`` for both chunk targets, ``profile/``) are read but never written: new
+inputs go to ``--work`` (default a folder under ``/tmp``), failing inputs to ``--work``/crash-* and
+finding-*. Every input gets ``--timeout`` seconds (a slower one is a hang
 finding) and the process an RSS limit (a larger allocation is a finding). The chunk targets use a
 custom mutator (``targets.mutate_chunk``) that mostly rewrites the CRC after libFuzzer's byte mutation
 or a header-field edit, so mutants get past the checksum into the parser, the rANS decoder and
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         check(args.repro.read_bytes())
         print(f"{args.repro}: handled (tensor, profile or typed error)")
         return
-    for seed in sorted((targets.CORPUS_DIR / args.target).iterdir())[:3]:
+    for seed in sorted(targets.seed_dir(args.target).iterdir())[:3]:
         check(seed.read_bytes())  # compile numba and fill caches before the clock starts
 
     def test_one_input(data: bytes) -> None:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.target == "profile":
         flags.append(f"-dict={targets.FUZZ_DIR / 'profile.dict'}")
     libfuzzer_argv = [sys.argv[0], *flags, *unknown, *args.extra, str(work / "corpus")]
-    libfuzzer_argv.append(str(targets.CORPUS_DIR / args.target))
+    libfuzzer_argv.append(str(targets.seed_dir(args.target)))
     print(f"fuzzing {args.target}: work folder {work}", flush=True)
     atheris.Setup(libfuzzer_argv, test_one_input, custom_mutator=custom_mutator)
     atheris.Fuzz()

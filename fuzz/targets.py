@@ -61,6 +61,11 @@ HEADER_FIELDS: tuple[tuple[int, str], ...] = (
 )
 
 
+def seed_dir(target: str) -> Path:
+    """The committed seeds of a target: ``fuzz/corpus/chunk/`` for both chunk targets, else its own."""
+    return CORPUS_DIR / ("chunk" if target in ("decode", "gpu_header") else target)
+
+
 class FuzzFinding(AssertionError):
     """A fuzz target broke one of its invariants (the input is a finding, not a typed rejection)."""
 

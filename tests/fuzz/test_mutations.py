@@ -40,7 +40,7 @@ def _chunk(i: int) -> bytes:
 
 
 def _corpus(target: str) -> list[Path]:
-    return sorted((targets.CORPUS_DIR / target).iterdir())
+    return sorted(targets.seed_dir(target).iterdir())
 
 
 @pytest.mark.parametrize("target", targets.TARGETS)
