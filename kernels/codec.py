@@ -15,7 +15,9 @@ bytes give the same tensor on every device.
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -248,15 +250,25 @@ def encode_chunk(
     return EncodedChunk(fmt.pack_chunk(header, sections), level, token_start, T)
 
 
-_FORWARD_CACHE: dict[str, np.ndarray] = {}
+# Most recently used encoder matrices by profile digest. Bounded: every distinct profile would otherwise
+# stay in memory for the life of the process (a SmolLM2-135M profile's matrices are ~9 MB).
+_FORWARD_CACHE: OrderedDict[str, np.ndarray] = OrderedDict()
+FORWARD_CACHE_SIZE = 8
+_FORWARD_LOCK = threading.Lock()
 
 
 def profile_forward(profile: CalibrationProfile) -> np.ndarray:
     """The encoder matrices of a profile, cached by digest (inverting them costs a few ms)."""
-    fwd = _FORWARD_CACHE.get(profile.digest)
-    if fwd is None:
-        fwd = profile.forward_matrix().astype(np.float32)
+    with _FORWARD_LOCK:
+        fwd = _FORWARD_CACHE.get(profile.digest)
+        if fwd is not None:
+            _FORWARD_CACHE.move_to_end(profile.digest)
+            return fwd
+    fwd = profile.forward_matrix().astype(np.float32)
+    with _FORWARD_LOCK:
         _FORWARD_CACHE[profile.digest] = fwd
+        while len(_FORWARD_CACHE) > FORWARD_CACHE_SIZE:
+            _FORWARD_CACHE.popitem(last=False)
     return fwd
 
 

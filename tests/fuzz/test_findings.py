@@ -77,3 +77,16 @@ def test_step_exponent_range(exp: int, ok: bool) -> None:
     else:
         with pytest.raises(CorruptChunkError, match="quantisation step"):
             codec.decode_chunk(data, targets.profiles()[0], backend="cpu")
+
+
+def test_encoder_matrix_cache_is_bounded() -> None:
+    """Finding 7: every distinct profile's encoder matrices stayed cached for the life of the process."""
+    from kvwire.kernels.profile import with_digest
+
+    base = targets.profiles()[1]
+    x = torch.zeros(base.layers, 2, base.kv_heads, 2, base.head_dim)
+    for i in range(codec.FORWARD_CACHE_SIZE + 5):
+        prof = with_digest(dataclasses.replace(base, notes=f"variant {i}"))
+        codec.encode_chunk(x, prof)
+    assert len(codec._FORWARD_CACHE) == codec.FORWARD_CACHE_SIZE
+    assert prof.digest in codec._FORWARD_CACHE
