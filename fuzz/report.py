@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.coverage:
         import coverage
 
-        cov = coverage.Coverage(include=[f"*/{m}" for m in MODULES])
+        cov = coverage.Coverage(data_file=None, include=[f"*/{m}" for m in MODULES])
         cov.start()
     from fuzz import targets
 
