@@ -15,7 +15,9 @@ bytes give the same tensor on every device.
 
 from __future__ import annotations
 
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +42,10 @@ DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_LANES = 32
 DEADZONE = 0.0
 CODEC_VERSION = fmt.FORMAT_VERSION
+# Step exponents a chunk may carry (step = mant * 2**-exp). The encoder's steps (level step or base_step
+# in 1e-6..1e6, times a layer weight in 2**-40..2**40) need about -53..68; capping the negative side at
+# -64 keeps every reconstructed coefficient below 2**115, so float32 decoding never overflows.
+MIN_STEP_EXP, MAX_STEP_EXP = -64, 120
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -130,6 +136,8 @@ def step_codes(
     for layer in range(L):
         for k in range(2):
             m, e = _step_code(step0 * float(profile.layer_weight[layer, k]))
+            if not MIN_STEP_EXP <= e <= MAX_STEP_EXP:
+                raise InvalidInputError(f"quantisation step {step0} x layer weight is out of range")
             mant[layer, k], exp[layer, k] = m, e
             steps[layer, k] = m * 2.0**-e
     return mant, exp, steps
@@ -242,15 +250,25 @@ def encode_chunk(
     return EncodedChunk(fmt.pack_chunk(header, sections), level, token_start, T)
 
 
-_FORWARD_CACHE: dict[str, np.ndarray] = {}
+# Most recently used encoder matrices by profile digest. Bounded: every distinct profile would otherwise
+# stay in memory for the life of the process (a SmolLM2-135M profile's matrices are ~9 MB).
+_FORWARD_CACHE: OrderedDict[str, np.ndarray] = OrderedDict()
+FORWARD_CACHE_SIZE = 8
+_FORWARD_LOCK = threading.Lock()
 
 
 def profile_forward(profile: CalibrationProfile) -> np.ndarray:
     """The encoder matrices of a profile, cached by digest (inverting them costs a few ms)."""
-    fwd = _FORWARD_CACHE.get(profile.digest)
-    if fwd is None:
-        fwd = profile.forward_matrix().astype(np.float32)
+    with _FORWARD_LOCK:
+        fwd = _FORWARD_CACHE.get(profile.digest)
+        if fwd is not None:
+            _FORWARD_CACHE.move_to_end(profile.digest)
+            return fwd
+    fwd = profile.forward_matrix().astype(np.float32)
+    with _FORWARD_LOCK:
         _FORWARD_CACHE[profile.digest] = fwd
+        while len(_FORWARD_CACHE) > FORWARD_CACHE_SIZE:
+            _FORWARD_CACHE.popitem(last=False)
     return fwd
 
 
@@ -326,9 +344,20 @@ def validate_chunk(
     bank = table_bank()
     if np.any(sec.classes >= bank.n_tables):
         raise CorruptChunkError("chunk names a table outside the bank")
-    if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(np.abs(sec.step_exp) > 120):
+    if np.any((sec.step_mant == 0) | (sec.step_mant > 255)) or np.any(
+        (sec.step_exp < MIN_STEP_EXP) | (sec.step_exp > MAX_STEP_EXP)
+    ):
         raise CorruptChunkError("chunk holds an invalid quantisation step")
+    if h.n_raw and not _raw_rows_finite(sec.raw_values, h.dtype):
+        raise CorruptChunkError("chunk holds non-finite raw values (an encoder never writes them)")
     return h, sec
+
+
+def _raw_rows_finite(raw_values: np.ndarray, dtype: str) -> bool:
+    """Whether every stored raw value (bytes [n_raw, H, D, dtype bytes]) is finite."""
+    values = torch.from_numpy(np.array(raw_values).reshape(-1)).view(_TORCH_DTYPES[dtype])  # a copy:
+    # the sections are read-only views of the chunk
+    return bool(torch.isfinite(values).all())
 
 
 def _use_gpu(backend: str, device: str | torch.device | None, tensor: torch.Tensor | None = None) -> bool:
@@ -351,9 +380,11 @@ def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.n
     """Entropy-decode every segment: int32 [segments, d, tokens]."""
     bank = table_bank()
     q = np.zeros((h.segments, h.group_dim, h.n_tokens), dtype=np.int32)
+    offsets = sec.offsets.astype(np.int64)
+    check_rans_inputs(sec.words, offsets, sec.states, sec.classes, q, bank.n_tables)
     status = rans.decode_segments(
         sec.words,
-        sec.offsets.astype(np.int64),
+        offsets,
         sec.states,
         sec.classes,
         h.n_tokens,
@@ -366,6 +397,39 @@ def reconstruct_coefficients(h: fmt.ChunkHeader, sec: fmt.ChunkSections) -> np.n
     if status:
         raise CorruptChunkError(f"entropy-coded segment {status - 1} is corrupt")
     return q
+
+
+def check_rans_inputs(
+    words: np.ndarray,
+    offsets: np.ndarray,
+    states: np.ndarray,
+    classes: np.ndarray,
+    out: np.ndarray,
+    n_tables: int,
+) -> None:
+    """Every bound ``rans.decode_segments`` indexes with, checked where Python can see it.
+
+    The numba decoder runs without bounds checks; ``fmt.parse_chunk`` and ``validate_chunk`` already
+    imply all of these, and this states them in one place, next to the call: word ranges inside
+    ``words`` (the decoder also stops at its segment's end), one state per lane and at least one lane
+    (its per-lane scratch has ``lanes`` slots), table indices inside the bank (``lut[class, slot]``),
+    and an output of ``[segments, d, tokens]`` matching the classes. Raises CorruptChunkError.
+    """
+    n_seg, d = classes.shape
+    ok = (
+        words.ndim == 1
+        and offsets.shape == (n_seg + 1,)
+        and int(offsets[0]) >= 0
+        and bool(np.all(np.diff(offsets) >= 0))
+        and int(offsets[-1]) <= words.shape[0]
+        and states.ndim == 2
+        and states.shape[0] == n_seg
+        and states.shape[1] >= 1
+        and out.shape[:2] == (n_seg, d)
+        and (classes.size == 0 or int(classes.max()) < n_tables)
+    )
+    if not ok:
+        raise CorruptChunkError("chunk sections are inconsistent with the entropy decoder's layout")
 
 
 def reconstruct(

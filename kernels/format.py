@@ -264,8 +264,8 @@ def parse_chunk(data: bytes | memoryview, verify_crc: bool = True) -> tuple[Chun
             f"payload size {h.payload_size} does not match the header's layout ({expect})"
         )
     if len(data) != HEADER_SIZE + expect:
-        what = "truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
-        raise CorruptChunkError(f"chunk is {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
+        what = "is truncated" if len(data) < HEADER_SIZE + expect else "has trailing bytes"
+        raise CorruptChunkError(f"chunk {what}: {len(data)} bytes, expected {HEADER_SIZE + expect}")
     buf = memoryview(data)
     if verify_crc:
         stored, computed = chunk_crc(buf)

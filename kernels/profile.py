@@ -27,6 +27,12 @@ PROFILE_FORMAT = "kvwire-profile"
 PROFILE_VERSION = 1
 BASIS_BITS = 14  # |basis_int| < 2**14: keeps every decode accumulation exact in float64
 MAX_GROUP_DIM = 8192
+# Value bounds, far wider than any calibration gives (layer weights ~0.01..10, RoPE attention scaling
+# ~1, means ~10), and narrow enough that every level step times a layer weight has a chunk step code
+# and that reconstruction stays finite in float32 (docs/format.md, "Reconstruction").
+MIN_LAYER_WEIGHT, MAX_LAYER_WEIGHT = 2.0**-40, 2.0**40
+MIN_ROPE_SCALING, MAX_ROPE_SCALING = 1 / 16, 16.0
+MAX_ABS_MEAN = 2.0**100
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,8 +76,14 @@ class CalibrationProfile:
         return np.ldexp(self.basis.astype(np.float64), -self.basis_exp.astype(np.int32)[..., None, None])
 
     def forward_matrix(self) -> np.ndarray:
-        """Encoder transform (inverse of the stored basis), float64 [L, 2, G, d, d]."""
-        return np.linalg.inv(self.basis_float())
+        """Encoder transform (inverse of the stored basis), float64 [L, 2, G, d, d].
+
+        Raises InvalidInputError for a singular basis (a damaged profile; ``fit_profile`` never makes one).
+        """
+        try:
+            return np.linalg.inv(self.basis_float())
+        except np.linalg.LinAlgError as exc:
+            raise InvalidInputError(f"profile basis is not invertible: {exc}") from exc
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -136,12 +148,12 @@ class CalibrationProfile:
 
     def validate(self) -> None:
         """Check shapes, ranges and invertibility; raises InvalidInputError."""
-        L, G, d = self.layers, self.groups, self.group_dim
         if (
-            min(L, self.kv_heads, self.head_dim, self.heads_per_group) < 1
+            min(self.layers, self.kv_heads, self.head_dim, self.heads_per_group) < 1
             or self.kv_heads % self.heads_per_group
         ):
             raise InvalidInputError("profile layout is inconsistent")
+        L, G, d = self.layers, self.groups, self.group_dim
         if d > MAX_GROUP_DIM:
             raise InvalidInputError(f"profile group dimension {d} exceeds {MAX_GROUP_DIM}")
         expect = {
@@ -160,12 +172,20 @@ class CalibrationProfile:
                 raise InvalidInputError(
                     f"profile {name} has shape {getattr(self, name).shape}, expected {shape}"
                 )
+        if self.inv_freq.dtype != np.float32:
+            raise InvalidInputError(f"profile inv_freq has dtype {self.inv_freq.dtype}, expected float32")
+        if not MIN_ROPE_SCALING <= self.rope_scaling <= MAX_ROPE_SCALING:  # also refuses NaN
+            raise InvalidInputError(f"profile rope scaling {self.rope_scaling} is out of range")
         if self.has_rope and (self.inv_freq.ndim != 1 or 2 * self.inv_freq.size > self.head_dim):
             raise InvalidInputError("profile rotary frequencies do not fit the head dimension")
         if not (np.all(np.isfinite(self.mean)) and np.all(np.isfinite(self.inv_freq))):
             raise InvalidInputError("profile holds non-finite values")
-        if not np.all((self.layer_weight > 0) & np.isfinite(self.layer_weight)):
-            raise InvalidInputError("profile layer weights must be positive")
+        if not np.all((self.layer_weight >= MIN_LAYER_WEIGHT) & (self.layer_weight <= MAX_LAYER_WEIGHT)):
+            raise InvalidInputError(
+                f"profile layer weights must lie in [{MIN_LAYER_WEIGHT:g}, {MAX_LAYER_WEIGHT:g}]"
+            )
+        if np.any(np.abs(self.mean) > MAX_ABS_MEAN):
+            raise InvalidInputError("profile mean is out of range")
         if np.any(np.abs(self.basis.astype(np.int32)) >= 1 << BASIS_BITS):
             raise InvalidInputError("profile basis exceeds its integer range")
         if np.any((self.basis_exp < 0) | (self.basis_exp > 60)):

@@ -10,4 +10,5 @@ ruff check .
 ruff format --check .
 bash scripts/typecheck.sh
 bash scripts/check_deploy.sh
+bash scripts/fuzz.sh  # short fixed-seed atheris pass over the codec parsers
 python -m pytest -q "$@"

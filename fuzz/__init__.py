@@ -1,0 +1,1 @@
+"""Fuzz harnesses for kvwire's untrusted-input parsers (atheris); docs/reliability.md."""
