@@ -23,6 +23,7 @@ import functools
 import itertools
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -90,25 +91,33 @@ class _DeviceProfile:
     b1: torch.Tensor  # int8 [S, d, d]: basis >> 7 (high digit, -128..127 as |basis| < 2**14)
 
 
-_PROFILE_CACHE: dict[tuple[str, str], _DeviceProfile] = {}
+_PROFILE_CACHE: OrderedDict[tuple[str, str], _DeviceProfile] = OrderedDict()
+PROFILE_CACHE_SIZE = 8  # profiles (per device) kept on the GPU; a server may see many models
+_PROFILE_LOCK = threading.Lock()
 
 
 def _device_profile(profile: CalibrationProfile, device: torch.device) -> _DeviceProfile:
     """A profile's decoder and encoder matrices on ``device``, cached by digest."""
     key = (profile.digest, str(device))
-    dp = _PROFILE_CACHE.get(key)
-    if dp is None:
-        S, d = profile.layers * 2 * profile.groups, profile.group_dim
-        basis = np.ascontiguousarray(profile.basis.reshape(S, d, d)).astype(np.int16)
-        dp = _DeviceProfile(
-            basis=torch.from_numpy(profile.basis.reshape(S, d, d).astype(np.float64)).to(device),
-            basis_exp=profile.basis_exp.reshape(S).astype(np.int64),
-            mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
-            forward=torch.from_numpy(codec.profile_forward(profile).reshape(S, d, d)).to(device),
-            b0=torch.from_numpy((basis & 127).astype(np.int8)).to(device),
-            b1=torch.from_numpy((basis >> 7).astype(np.int8)).to(device),
-        )
+    with _PROFILE_LOCK:
+        dp = _PROFILE_CACHE.get(key)
+        if dp is not None:
+            _PROFILE_CACHE.move_to_end(key)
+            return dp
+    S, d = profile.layers * 2 * profile.groups, profile.group_dim
+    basis = np.ascontiguousarray(profile.basis.reshape(S, d, d)).astype(np.int16)
+    dp = _DeviceProfile(
+        basis=torch.from_numpy(profile.basis.reshape(S, d, d).astype(np.float64)).to(device),
+        basis_exp=profile.basis_exp.reshape(S).astype(np.int64),
+        mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
+        forward=torch.from_numpy(codec.profile_forward(profile).reshape(S, d, d)).to(device),
+        b0=torch.from_numpy((basis & 127).astype(np.int8)).to(device),
+        b1=torch.from_numpy((basis >> 7).astype(np.int8)).to(device),
+    )
+    with _PROFILE_LOCK:
         _PROFILE_CACHE[key] = dp
+        while len(_PROFILE_CACHE) > PROFILE_CACHE_SIZE:
+            _PROFILE_CACHE.popitem(last=False)
     return dp
 
 

@@ -90,3 +90,17 @@ def test_encoder_matrix_cache_is_bounded() -> None:
         codec.encode_chunk(x, prof)
     assert len(codec._FORWARD_CACHE) == codec.FORWARD_CACHE_SIZE
     assert prof.digest in codec._FORWARD_CACHE
+
+
+def test_gpu_profile_cache_is_bounded() -> None:
+    """The same leak in the GPU path: device copies of every profile seen stayed for the process's life."""
+    from kvwire.kernels import gpu
+    from kvwire.kernels.profile import with_digest
+
+    base = targets.profiles()[1]
+    device = torch.device("cpu")
+    for i in range(gpu.PROFILE_CACHE_SIZE + 3):
+        prof = with_digest(dataclasses.replace(base, notes=f"gpu variant {i}"))
+        first = gpu._device_profile(prof, device)
+    assert len(gpu._PROFILE_CACHE) == gpu.PROFILE_CACHE_SIZE
+    assert gpu._device_profile(prof, device) is first  # the newest is still cached
