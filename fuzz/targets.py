@@ -147,39 +147,65 @@ def check_gpu_validation(data: bytes) -> None:
 
     prof = profile_for(data)
     try:
-        parsed = codec.validate_chunk(data, prof)
+        codec.validate_chunk(data, prof)
     except KvwireError:
         return
-    batches = [[parsed]]
+    batches = [[data]]
     seed = _valid_chunk_for(prof)
     if seed is not None:
-        batches.append([codec.validate_chunk(seed, prof), parsed])
+        batches.append([seed, data])
     for batch in batches:
-        _check_decode_batch(gpu.prepare_decode(batch, torch.device("cpu")), batch)
+        try:
+            staged = gpu.stage_chunks(batch, prof, torch.device("cpu"))
+        except KvwireError:
+            continue
+        _check_decode_batch(gpu.prepare_decode(staged, prof))
 
 
-def _check_decode_batch(b: object, parsed: list[tuple[fmt.ChunkHeader, fmt.ChunkSections]]) -> None:
-    from kvwire.kernels.gpu import DecodeBatch
+def _check_decode_batch(b: object) -> None:
+    """Every index the rANS and reconstruction kernels compute from the batch metadata stays in bounds."""
+    from kvwire.kernels.gpu import DecodeBatch, _block
 
     assert isinstance(b, DecodeBatch)
-    words, starts, ends, states, lanes, n_tok, live, n_live, classes, out_offset = (a.numpy() for a in b.args)
-    n_tables = table_bank().n_tables
+    parsed = b.staged.parsed
+    n_bytes = b.staged.buf.numel()
+    rans = b.rans_meta.numpy()
+    recon = b.recon_meta.numpy()
+    classes, live, n_live = b.classes.numpy(), b.live.numpy(), b.n_live.numpy()
     S = sum(h.segments for h, _ in parsed)
-    if not (len(starts) == len(ends) == len(lanes) == len(n_tok) == len(out_offset) == S):
+    if not (rans.shape == (S, 6) and recon.shape == (S, 4) and len(b.status) == S == sum(b.n_seg)):
         raise FuzzFinding("per-segment arrays disagree on the segment count")
-    if np.any(starts < 0) or np.any(starts > ends) or np.any(ends > words.size):
-        raise FuzzFinding("a segment's word range leaves the word buffer")
-    if np.any(lanes < 1) or np.any(lanes > b.max_lanes) or states.shape != (S, b.max_lanes):
-        raise FuzzFinding("lane counts exceed the states array")
-    if classes.shape != (S, b.d) or np.any(classes < 0) or np.any(classes >= n_tables):
+    w_start, w_end, state0, lanes, n_tok, q_off = rans.T
+    if np.any(w_start < 0) or np.any(w_start > w_end) or np.any(w_end > n_bytes // 2):
+        raise FuzzFinding("a segment's word range leaves the chunk buffer")
+    if np.any(lanes < 1) or np.any(lanes > b.max_lanes) or b.max_lanes > _block(b.max_lanes):
+        raise FuzzFinding("lane counts exceed the kernel's lane block")
+    if np.any(state0 < 0) or np.any(state0 + lanes > n_bytes // 4):
+        raise FuzzFinding("a segment's rANS states leave the chunk buffer")
+    if np.any(n_tok < 1) or np.any(n_tok > b.max_tokens):
+        raise FuzzFinding("a segment's token count exceeds the batch's")
+    if np.any(q_off < 0) or np.any(q_off + b.d * n_tok > b.q.numel()):
+        raise FuzzFinding("a segment's coefficient block leaves the coefficient buffer")
+    if classes.shape != (S, b.d) or np.any(classes >= table_bank().n_tables):
         raise FuzzFinding("a class indexes outside the table bank")
     if live.shape != (S, b.d) or np.any(n_live < 0) or np.any(n_live > b.d):
         raise FuzzFinding("live component lists exceed the group dimension")
     for s in range(S):
         if np.any(live[s, : n_live[s]] < 0) or np.any(live[s, : n_live[s]] >= b.d):
             raise FuzzFinding("a live component index is out of range")
-    if np.any(out_offset < 0) or np.any(out_offset + b.d * n_tok.astype(np.int64) > b.out.numel()):
-        raise FuzzFinding("a segment's output block leaves the output buffer")
+    if np.any(recon[:, 0] != q_off) or np.any(recon[:, 2] != n_tok):
+        raise FuzzFinding("the reconstruction metadata disagrees with the decode metadata")
+    out_size: dict[str, int] = {}
+    seg = 0
+    for (h, _), o in zip(parsed, b.out_base, strict=True):
+        out_size[h.dtype] = max(out_size.get(h.dtype, 0), o + h.elements)
+        block = h.heads_per_group * h.n_tokens * h.head_dim  # one segment's output: its heads' rows
+        offs = recon[seg : seg + h.segments, 1]
+        if np.any(offs < o) or np.any(offs + block > o + h.elements):
+            raise FuzzFinding("a segment's output block leaves its chunk's output")
+        if b.rope and np.any(recon[seg : seg + h.segments, 3] + h.n_tokens > b.cos.shape[0]):
+            raise FuzzFinding("a segment's RoPE rows leave the cos/sin tables")
+        seg += h.segments
 
 
 @cache
