@@ -94,7 +94,7 @@ def test_redis_killed_mid_ingest_fails_the_job_then_recovers(
 
         redis_proc.start()  # same port, data back from the AOF
         assert check_manifests(store) == []  # the failed ingest published nothing
-        assert len(list(store.list_keys("chunks"))) == 2 * LEVELS
+        assert len(list(store.list_keys("t/alice/chunks"))) == 2 * LEVELS
         codec.calls = 0
         done = wait_job(service, service.ingest("alice", text=TEXT, context_id="doc"))  # type: ignore[arg-type]
         assert done.state == "done", done.error
