@@ -392,18 +392,30 @@ def _dp_step(
     k: int,
     cand_net: npt.NDArray[np.float64],
     cand_comp: npt.NDArray[np.float64],
+    cand_pos: npt.NDArray[np.int64],
+    k_all: int,
+    shadow_count: npt.NDArray[np.int64],
+    shadow_pos: npt.NDArray[np.int64],
+    shadow_net: npt.NDArray[np.float64],
+    shadow_comp: npt.NDArray[np.float64],
     heads: npt.NDArray[np.int64],
     out_net: npt.NDArray[np.float64],
     out_comp: npt.NDArray[np.float64],
     out_parent: npt.NDArray[np.int64],
     out_cand: npt.NDArray[np.int64],
 ) -> int:
-    """One chunk of the Pareto-front dynamic program: grow each of the `f` states by each of the `k`
-    candidates, and keep, in (net, compute) order, the states that finish compute sooner than every state
-    before them (ties: the first grown). The grown states of one candidate come in net order already (the
-    front is sorted by net), so this merges k sorted runs instead of sorting; equal-net groups are taken
-    whole, of which only the one with the least compute (then the first grown) can be kept. Returns the
-    number of states kept, written to out_*."""
+    """One chunk of the Pareto-front dynamic program, as the plain-Python one: grow each of the `f`
+    states by each of the chunk's `k_all` candidates (state p, candidate c is grown state p * k_all + c),
+    sort by (net, compute), keep the states that finish compute sooner than every state before them
+    (equal states: the first grown). Returns the number kept, written to out_* (out_cand: the position c).
+
+    Without the sort: the states grown by one candidate come in net order already (the front is sorted
+    by net), so this merges k sorted runs; equal-net groups are taken whole, of which only the one with
+    the least compute (then the first grown) can be kept. Only `k` candidates (positions `cand_pos`) are
+    grown: each other candidate is never faster than some grown one on either stage, so its state can
+    only be kept when it equals that one's state exactly and was grown first (it is then the "first
+    grown" of equal states). Those are the shadows of a grown candidate (the ones before it that it
+    beats or equals on both stages); they are checked for such a tie only."""
     for c in range(k):
         heads[c] = 0
     m = 0
@@ -420,32 +432,38 @@ def _dp_step(
                     found = True
         if not found:
             break
-        have = False
         best_comp = 0.0
-        best_parent = -1
-        best_cand = -1
+        best_idx = -1
+        best_parent = 0
+        best_pos = 0
         for c in range(k):
-            while heads[c] < f:
-                p = heads[c]
-                v = front_net[p] + cand_net[c]
+            h = heads[c]
+            while h < f:
+                v = front_net[h] + cand_net[c]
                 if v != best_net:
                     break
-                comp = _pymax(front_comp[p], v) + cand_comp[c]
-                if (
-                    not have
-                    or comp < best_comp
-                    or (comp == best_comp and p * k + c < best_parent * k + best_cand)
-                ):
-                    have = True
+                comp = _pymax(front_comp[h], v) + cand_comp[c]
+                idx = h * k_all + cand_pos[c]
+                if best_idx < 0 or comp < best_comp or (comp == best_comp and idx < best_idx):
                     best_comp = comp
-                    best_parent = p
-                    best_cand = c
-                heads[c] += 1
+                    best_idx = idx
+                    best_parent = h
+                    best_pos = cand_pos[c]
+                for s in range(shadow_count[c]):
+                    v = front_net[h] + shadow_net[c, s]
+                    if v == best_net and _pymax(front_comp[h], v) + shadow_comp[c, s] == comp:
+                        idx = h * k_all + shadow_pos[c, s]
+                        if comp == best_comp and idx < best_idx:
+                            best_idx = idx
+                            best_parent = h
+                            best_pos = shadow_pos[c, s]
+                h += 1
+            heads[c] = h
         if m == 0 or best_comp < cur_min:
             out_net[m] = best_net
             out_comp[m] = best_comp
             out_parent[m] = best_parent
-            out_cand[m] = best_cand
+            out_cand[m] = best_pos
             cur_min = best_comp
             m += 1
     return m
@@ -479,23 +497,30 @@ def _fastest_plan_nb(
     front_net = np.empty(cap)
     front_comp = np.empty(cap)
     front_loss = np.zeros(cap, dtype=np.int64)
-    grown_net = np.empty(cap)
-    grown_comp = np.empty(cap)
-    grown_parent = np.empty(cap, dtype=np.int64)
-    grown_cand = np.empty(cap, dtype=np.int64)
+    kept_net = np.empty(cap)
+    kept_comp = np.empty(cap)
+    kept_parent = np.empty(cap, dtype=np.int64)
+    kept_cand = np.empty(cap, dtype=np.int64)
     keep = np.empty(cap, dtype=np.int64)
     kept_loss = np.empty(cap, dtype=np.int64)
     heads = np.empty(width, dtype=np.int64)
-    cand_net = np.empty(width)
+    all_net = np.empty(width)  # the chunk's candidates, by position
+    all_comp = np.empty(width)
+    all_col = np.empty(width, dtype=np.int64)
+    cand_net = np.empty(width)  # the ones grown, with their positions and shadows
     cand_comp = np.empty(width)
-    cand_col = np.empty(width, dtype=np.int64)
+    cand_pos = np.empty(width, dtype=np.int64)
+    shadow_count = np.zeros(width, dtype=np.int64)
+    shadow_pos = np.empty((width, width), dtype=np.int64)
+    shadow_net = np.empty((width, width))
+    shadow_comp = np.empty((width, width))
     parents = np.empty((n, max_front), dtype=np.int64)
     columns = np.empty((n, max_front), dtype=np.int64)
     front_net[0] = start_s
     front_comp[0] = _pymax(compute_free_s, start_s)
     f = 1
     for i in range(n):
-        k = 0  # candidates: the options no other option of this chunk dominates (`_dominates`)
+        k_all = 0  # candidates: the options no other option of this chunk dominates (`_dominates`)
         for b in range(width):
             dominated = False
             for a in range(width):
@@ -508,25 +533,52 @@ def _fastest_plan_nb(
                     dominated = True
                     break
             if not dominated:
-                cand_net[k] = net[i, b]
-                cand_comp[k] = compute[i, b]
-                cand_col[k] = b
+                all_net[k_all] = net[i, b]
+                all_comp[k_all] = compute[i, b]
+                all_col[k_all] = b
+                k_all += 1
+        # Grow a candidate unless another one is no slower on both stages: one before it (its state is
+        # then never kept), or one after it that differs (it is then a shadow of that one).
+        k = 0
+        for c in range(k_all):
+            earlier = False
+            later = False
+            for d in range(k_all):
+                if d != c and all_net[d] <= all_net[c] and all_comp[d] <= all_comp[c]:
+                    if d < c:
+                        earlier = True
+                    elif all_net[d] != all_net[c] or all_comp[d] != all_comp[c]:
+                        later = True
+            if not earlier and not later:
+                cand_net[k] = all_net[c]
+                cand_comp[k] = all_comp[c]
+                cand_pos[k] = c
                 k += 1
+        for g in range(k):
+            shadow_count[g] = 0
+            e = cand_pos[g]
+            for c in range(e):
+                if all_net[e] <= all_net[c] and all_comp[e] <= all_comp[c]:
+                    shadow_pos[g, shadow_count[g]] = c
+                    shadow_net[g, shadow_count[g]] = all_net[c]
+                    shadow_comp[g, shadow_count[g]] = all_comp[c]
+                    shadow_count[g] += 1
         m = _dp_step(
-            f, front_net, front_comp, k, cand_net, cand_comp, heads,
-            grown_net, grown_comp, grown_parent, grown_cand,
+            f, front_net, front_comp, k, cand_net, cand_comp, cand_pos, k_all,
+            shadow_count, shadow_pos, shadow_net, shadow_comp, heads,
+            kept_net, kept_comp, kept_parent, kept_cand,
         )  # fmt: skip
         f = _thin(m, max_front, keep)
         for j in range(f):
             s = keep[j]
-            parent = grown_parent[s]
-            column = cand_col[grown_cand[s]]
+            parent = kept_parent[s]
+            column = all_col[kept_cand[s]]
             parents[i, j] = parent
             columns[i, j] = column
             kept_loss[j] = front_loss[parent] + loss[i, column]
         for j in range(f):
-            front_net[j] = grown_net[keep[j]]
-            front_comp[j] = grown_comp[keep[j]]
+            front_net[j] = kept_net[keep[j]]
+            front_comp[j] = kept_comp[keep[j]]
             front_loss[j] = kept_loss[j]
     best = 0
     for j in range(1, f):
@@ -591,25 +643,30 @@ def _fastest_completion_nb(
     cap = max_front * width + 1
     front_net = np.empty(cap)
     front_comp = np.empty(cap)
-    grown_net = np.empty(cap)
-    grown_comp = np.empty(cap)
-    grown_parent = np.empty(cap, dtype=np.int64)
-    grown_cand = np.empty(cap, dtype=np.int64)
+    kept_net = np.empty(cap)
+    kept_comp = np.empty(cap)
+    kept_parent = np.empty(cap, dtype=np.int64)
+    kept_cand = np.empty(cap, dtype=np.int64)
     keep = np.empty(cap, dtype=np.int64)
     heads = np.empty(width, dtype=np.int64)
+    positions = np.arange(width)
+    no_shadows = np.zeros(width, dtype=np.int64)
+    shadow_pos = np.empty((width, 1), dtype=np.int64)
+    shadow_val = np.empty((width, 1))
     net_done = start_s + first_net
     front_net[0] = net_done
     front_comp[0] = _pymax(compute_free_s, net_done) + first_comp
     f = 1
     for i in range(n):
         m = _dp_step(
-            f, front_net, front_comp, counts[i], stage_net[i], stage_comp[i], heads,
-            grown_net, grown_comp, grown_parent, grown_cand,
+            f, front_net, front_comp, counts[i], stage_net[i], stage_comp[i], positions, counts[i],
+            no_shadows, shadow_pos, shadow_val, shadow_val, heads,
+            kept_net, kept_comp, kept_parent, kept_cand,
         )  # fmt: skip
         f = _thin(m, max_front, keep)
         for j in range(f):
-            front_net[j] = grown_net[keep[j]]
-            front_comp[j] = grown_comp[keep[j]]
+            front_net[j] = kept_net[keep[j]]
+            front_comp[j] = kept_comp[keep[j]]
     best = front_comp[0]
     for j in range(1, f):
         if front_comp[j] < best:
