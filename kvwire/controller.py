@@ -636,9 +636,14 @@ def _fastest_completion_nb(
     start_s: float,
     compute_free_s: float,
     max_front: int,
+    give_up_above: float,
 ) -> float:
     """`_fastest_completion`: the next chunk fixed to (first_net, first_comp), the chunks of the stage
-    arrays (from `_fast_stages_nb`) after it at their fastest."""
+    arrays (from `_fast_stages_nb`) after it at their fastest.
+
+    give_up_above: stop as soon as the answer is known to exceed it, and return a value above it (the
+    front's least compute time only grows from chunk to chunk: every state computes no sooner than its
+    parent, and thinning only removes states); pass inf for the exact completion."""
     n, width = stage_net.shape
     cap = max_front * width + 1
     front_net = np.empty(cap)
@@ -667,6 +672,8 @@ def _fastest_completion_nb(
         for j in range(f):
             front_net[j] = kept_net[keep[j]]
             front_comp[j] = kept_comp[keep[j]]
+        if front_comp[f - 1] > give_up_above:  # the least compute time: the front's last state
+            return front_comp[f - 1]
     best = front_comp[0]
     for j in range(1, f):
         if front_comp[j] < best:
@@ -942,24 +949,57 @@ class _WhatIf:
         self.start_s = start_s
         self.compute_free_s = compute_free_s
         self.stages = _fast_stages_nb(table.net[1:], table.compute[1:])
-        self.cache: dict[int, float] = {}
+        self.exact: dict[int, float] = {}
+        self.above: dict[int, float] = {}  # known to be later than this
+
+    def _run(self, column: int, give_up_above: float) -> float:
+        stage_net, stage_comp, counts = self.stages
+        return float(
+            _fastest_completion_nb(
+                float(self.table.net[0, column]),
+                float(self.table.compute[0, column]),
+                stage_net,
+                stage_comp,
+                counts,
+                self.start_s,
+                self.compute_free_s,
+                _MAX_FRONT,
+                give_up_above,
+            )
+        )
 
     def completion(self, column: int) -> float:
-        if column not in self.cache:
-            stage_net, stage_comp, counts = self.stages
-            self.cache[column] = float(
-                _fastest_completion_nb(
-                    float(self.table.net[0, column]),
-                    float(self.table.compute[0, column]),
-                    stage_net,
-                    stage_comp,
-                    counts,
-                    self.start_s,
-                    self.compute_free_s,
-                    _MAX_FRONT,
-                )
-            )
-        return self.cache[column]
+        if column not in self.exact:
+            self.exact[column] = self._run(column, math.inf)
+        return self.exact[column]
+
+    def meets(self, column: int, deadline_s: float) -> bool:
+        """completion(column) <= deadline_s, giving up on the plan once it is sure to be late."""
+        if column in self.exact:
+            return self.exact[column] <= deadline_s
+        if column in self.above and self.above[column] >= deadline_s:
+            return False
+        value = self._run(column, deadline_s)
+        if value <= deadline_s:
+            self.exact[column] = value  # it ran to the end
+            return True
+        self.above[column] = max(deadline_s, self.above.get(column, -math.inf))
+        return False
+
+    def soonest(self, columns: Sequence[int]) -> int:
+        """`min(columns, key=self.completion)` (the first of equals), without finishing the plans that
+        are sure to be later than the best so far."""
+        best = columns[0]
+        best_s = self.completion(best)
+        for column in columns[1:]:
+            if column in self.above and self.above[column] >= best_s:
+                continue
+            value = self.exact[column] if column in self.exact else self._run(column, best_s)
+            if value <= best_s:
+                self.exact[column] = value
+                if value < best_s:
+                    best, best_s = column, value
+        return best
 
 
 def _worst_case(
@@ -990,11 +1030,11 @@ def _insure(
     """The best-quality option (column) for the next chunk, no bigger than `chosen`, whose worst case
     (this chunk and every later one at the floor throughput, later ones sent as fast as possible) meets
     the deadline; `chosen` itself if it is insured or if nothing is."""
-    worst = _WhatIf(_table(sizes, costs, floor_bytes_per_s), start_s, compute_free_s).completion
-    if worst(chosen) <= deadline_s:
+    worst = _WhatIf(_table(sizes, costs, floor_bytes_per_s), start_s, compute_free_s)
+    if worst.meets(chosen, deadline_s):
         return chosen
     nbytes = table.first_nbytes
-    insured = [c for c in range(len(nbytes)) if nbytes[c] < nbytes[chosen] and worst(c) <= deadline_s]
+    insured = [c for c in range(len(nbytes)) if nbytes[c] < nbytes[chosen] and worst.meets(c, deadline_s)]
     return min(insured, key=lambda c: (int(table.loss[0, c]), nbytes[c])) if insured else chosen
 
 
@@ -1034,25 +1074,28 @@ def _choose_robust(
     floor = mode.insurance_floor(bytes_per_s)
     if floor is None:
         floor = ROBUST_DROP_FACTOR * bytes_per_s
-    worst = _WhatIf(_table(sizes, costs, floor), elapsed_s, compute_free_s).completion
-    nominal = _WhatIf(table, elapsed_s, compute_free_s).completion
+    what_if_drop = _WhatIf(_table(sizes, costs, floor), elapsed_s, compute_free_s)  # the link fell now
+    nominal = _WhatIf(table, elapsed_s, compute_free_s)
+
+    def insured(column: int) -> bool:
+        return what_if_drop.meets(column, deadline)
 
     def viable(column: int) -> bool:  # the fastest continuation at the prediction meets the deadline
-        return nominal(column) <= deadline
+        return nominal.meets(column, deadline)
 
     chosen = int(plan[0])
-    if worst(chosen) <= deadline:
+    if insured(chosen):
         return _decision(chunk, table, levels, chosen, "robust: best plan within SLO, insured", completion)
     # Best quality first (then fewer bytes); insuring against the unlikely case must not give up the
     # likely one, so only viable options count.
     nbytes = table.first_nbytes
     by_quality = sorted(range(len(nbytes)), key=lambda c: (int(table.loss[0, c]), nbytes[c]))
     for column in by_quality:
-        if worst(column) <= deadline and viable(column):
+        if insured(column) and viable(column):
             reason = "robust: lowered to stay insured against a drop"
             return _decision(chunk, table, levels, column, reason, completion)
     candidates = [c for c in by_quality if viable(c)] or [chosen]
-    safest = min(candidates, key=worst)  # min keeps the first of equals: the better quality
+    safest = what_if_drop.soonest(candidates)
     reason = "robust: no option insured against a drop, safest one within SLO"
     return _decision(chunk, table, levels, safest, reason, completion)
 
@@ -1086,6 +1129,7 @@ def _smallest_feasible_rise(
                 elapsed_s,
                 compute_free_s,
                 _MAX_FRONT,
+                deadline_s,
             )
             <= deadline_s
             for j in range(int(first_count[0]))
