@@ -230,6 +230,8 @@ class _Option:
 # so every decision is unchanged; only the time per decision fell (docs/controller.md, "Decision time").
 
 _MAX_FRONT = 128  # Pareto-front states kept per chunk by the dynamic programs (see `_fastest_plan`)
+# Bound on the relative rounding error per pipeline step (2**-53), with a 16x margin: `_upgrade_nb`.
+_ROUNDING = 16 * 2.0**-53
 
 
 @dataclass(frozen=True)
@@ -705,29 +707,52 @@ def _upgrade_nb(
     for j in range(n):
         nets[j + 1] = nets[j] + net[j, plan[j]]
         comps[j + 1] = _pymax(comps[j], nets[j + 1]) + compute[j, plan[j]]
+    # A shortcut for the trials: from state (net, comp) before chunk j, the plan finishes at
+    # max(comp + tail_comp, net + tail_span) in exact arithmetic (tail_comp: the compute of chunks j..;
+    # tail_span: the most, over k >= j, of the network time of chunks j..k plus the compute of k..).
+    # The float pipeline differs from it by rounding only, at most `_ROUNDING` x chunks x magnitude; a
+    # trial whose shortcut is that far from the deadline gets the pipeline's answer without running the
+    # pipeline, and any nearer one runs it.
     changed = True
     while changed:
         changed = False
+        tail_comp = 0.0  # for the chunks after i
+        tail_span = -np.inf
         for i in range(n - 1, -1, -1):
             level_loss = loss[i, plan[i]]
-            if level_loss == 0:
-                continue
-            for trial in range(2):
-                candidate = level_loss if trial == 0 else 0
-                net_done = nets[i] + net[i, candidate]
-                comp = _pymax(comps[i], net_done) + compute[i, candidate]
-                for j in range(i + 1, n):
-                    if comp > deadline_s:
+            if level_loss != 0:
+                for trial in range(2):
+                    candidate = level_loss if trial == 0 else 0
+                    net_done = nets[i] + net[i, candidate]
+                    comp = _pymax(comps[i], net_done) + compute[i, candidate]
+                    decided = False
+                    fits = False
+                    if i + 1 < n:
+                        estimate = max(comp + tail_comp, net_done + tail_span)
+                        scale = abs(comp) + abs(net_done) + abs(tail_comp) + abs(tail_span) + abs(deadline_s)
+                        tolerance = _ROUNDING * (n + 2) * scale
+                        if np.isfinite(scale) and estimate <= deadline_s - tolerance:
+                            decided, fits = True, True
+                        elif np.isfinite(scale) and estimate > deadline_s + tolerance:
+                            decided, fits = True, False
+                    if not decided:
+                        for j in range(i + 1, n):
+                            if comp > deadline_s:
+                                break
+                            net_done += net[j, plan[j]]
+                            comp = _pymax(comp, net_done) + compute[j, plan[j]]
+                        fits = comp <= deadline_s
+                    if fits:
+                        plan[i] = candidate
+                        for j in range(i, n):
+                            nets[j + 1] = nets[j] + net[j, plan[j]]
+                            comps[j + 1] = _pymax(comps[j], nets[j + 1]) + compute[j, plan[j]]
+                        changed = True
                         break
-                    net_done += net[j, plan[j]]
-                    comp = _pymax(comp, net_done) + compute[j, plan[j]]
-                if comp <= deadline_s:
-                    plan[i] = candidate
-                    for j in range(i, n):
-                        nets[j + 1] = nets[j] + net[j, plan[j]]
-                        comps[j + 1] = _pymax(comps[j], nets[j + 1]) + compute[j, plan[j]]
-                    changed = True
-                    break
+            a = net[i, plan[i]]
+            b = compute[i, plan[i]]
+            tail_span = a + max(b + tail_comp, tail_span)
+            tail_comp = b + tail_comp
     return comps[n]
 
 

@@ -25,6 +25,7 @@ from kvwire.controller import (
     Mode,
     ThroughputEstimator,
     choose_next,
+    pipeline_completion,
     plan_remaining,
 )
 
@@ -192,4 +193,38 @@ def test_fixed_modes_match_the_reference() -> None:
             )
     assert math.isfinite(
         choose_next(chunks, (0, 1), Mode.text(), costs, elapsed_s=0, bytes_per_s=None).expected_seconds
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    manifest=manifests(max_chunks=12),
+    costs=costs_st,
+    rate=rate_st,
+    elapsed=clock_st,
+    rank=st.integers(0, 3),
+    policy=st.sampled_from(POLICIES),
+)
+def test_deadlines_on_a_plans_exact_completion_match_the_reference(
+    manifest, costs, rate, elapsed, rank, policy
+) -> None:
+    """The SLO is exactly the completion of a uniform-level plan (computed as the pipeline computes it),
+    so the planners' trials land on the deadline to the last bit: their shortcuts must not decide
+    those."""
+    levels, chunks = manifest
+    level = sorted(levels)[min(rank, len(levels) - 1)]
+    stages = [
+        (costs.request_overhead_s + c.level_bytes[level] / rate, costs.decode_s_per_chunk) for c in chunks
+    ]
+    slo = pipeline_completion(elapsed, elapsed, stages)
+    if not (math.isfinite(slo) and slo > 0):
+        return
+    mode = Mode.adaptive(slo)
+    kwargs = {"elapsed_s": elapsed, "bytes_per_s": rate, "policy": policy}
+    assert choose_next(chunks, levels, mode, costs, **kwargs) == reference.choose_next(
+        chunks, levels, mode, costs, **kwargs
+    )
+    plan_kwargs = {"elapsed_s": elapsed, "bytes_per_s": rate, "slo_s": slo}
+    assert plan_remaining(chunks, levels, costs, **plan_kwargs) == reference.plan_remaining(
+        chunks, levels, costs, **plan_kwargs
     )
