@@ -251,7 +251,7 @@ class _Table:
     net: npt.NDArray[np.float64]
     compute: npt.NDArray[np.float64]
     loss: npt.NDArray[np.int64]
-    first_nbytes: tuple[int, ...]
+    first_nbytes: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ class _Sizes:
     nbytes: npt.NDArray[np.float64]
     compute: npt.NDArray[np.float64]
     loss: npt.NDArray[np.int64]
-    rows: tuple[tuple[int, ...], ...]  # the exact byte counts
+    rows: tuple[list[int], ...]  # the exact byte counts
 
 
 def _sizes(remaining: Sequence[ChunkOption], levels: Sequence[int], costs: CostModel) -> _Sizes:
@@ -279,7 +279,7 @@ def _sizes(remaining: Sequence[ChunkOption], levels: Sequence[int], costs: CostM
         nbytes=np.array(rows, dtype=np.float64),
         compute=compute,
         loss=loss,
-        rows=tuple(tuple(row) for row in rows),
+        rows=tuple(rows),
     )
 
 
@@ -1109,7 +1109,7 @@ def _choose_robust(
     nominal = _WhatIf(table, elapsed_s, compute_free_s)
 
     def insured(column: int) -> bool:
-        return what_if_drop.meets(column, deadline)
+        return what_if_drop.completion(column) <= deadline
 
     def viable(column: int) -> bool:  # the fastest continuation at the prediction meets the deadline
         return nominal.meets(column, deadline)
