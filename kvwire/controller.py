@@ -21,7 +21,7 @@ which needs every earlier chunk's KV); a chunk's compute starts when its bytes h
 has finished the previous chunk. That is a two-stage pipeline (a two-machine flow shop with a fixed order).
 
 Speed: the client decides on its critical path, once per chunk, so the planning runs as numba-compiled
-loops over numpy tables (~0.3 ms per robust decision at 32 chunks, ~2 ms at 128; the first decision of a
+loops over numpy tables (~0.3–0.5 ms per robust decision at 32 chunks, ~2–3 ms at 128; the first decision of a
 process loads the compiled kernels from numba's cache). It computes the same decisions, float for float,
 as the plain-Python policies it replaced (tests/controller/reference_controller.py; docs/controller.md,
 "Decision time").
