@@ -51,3 +51,11 @@ class AuthError(KvwireError):
 
 class RateLimitError(LimitExceededError):
     """Too many requests or queued jobs right now; the caller should retry later (HTTP 429)."""
+
+
+class ServerUnavailableError(BackendUnavailableError):
+    """The kvwire server cannot be reached, timed out, or answered 503 / gRPC UNAVAILABLE.
+
+    Raised by the client's transports; the client retries it with backoff and raises it once its
+    retry budget is spent.
+    """

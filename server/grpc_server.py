@@ -293,6 +293,11 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         return pb.Chunk(index=request.index, level=entry.level, data=data, checksum=entry.checksum)
 
     @_rpc
+    def GetProfile(self, request: pb.GetProfileRequest, context: grpc.ServicerContext) -> pb.Profile:
+        self._tenant(context)  # profiles describe models, not tenant data: any tenant may read
+        return pb.Profile(digest=request.digest, data=self.service.profile(request.digest))
+
+    @_rpc
     def DeleteContext(
         self, request: pb.DeleteContextRequest, context: grpc.ServicerContext
     ) -> pb.DeleteContextResponse:
