@@ -26,12 +26,12 @@ from kvwire.client.transport import (
 )
 from kvwire.errors import (
     AuthError,
+    BackendUnavailableError,
     CorruptChunkError,
     InvalidInputError,
     KvwireError,
     LimitExceededError,
     NotFoundError,
-    ServerUnavailableError,
 )
 from kvwire.server.jobs import Job
 from kvwire.server.service import ChunkEntry, ContextManifest, LevelEntry
@@ -45,8 +45,8 @@ STATUS_ERRORS: dict[grpc.StatusCode, type[KvwireError]] = {
     grpc.StatusCode.PERMISSION_DENIED: AuthError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
-    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+    grpc.StatusCode.UNAVAILABLE: BackendUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: BackendUnavailableError,
     grpc.StatusCode.DATA_LOSS: CorruptChunkError,
 }
 _JOB_STATES = {

@@ -20,6 +20,7 @@ from kvwire.client.throttle import TokenBucket, throttled
 from kvwire.controller import CostModel, Mode, Policy
 from kvwire.errors import (
     AuthError,
+    BackendUnavailableError,
     InvalidInputError,
     KvwireError,
     LimitExceededError,
@@ -130,9 +131,9 @@ STATUS_ERRORS: dict[int, type[KvwireError]] = {
     404: NotFoundError,
     413: LimitExceededError,
     429: RateLimitError,
-    502: ServerUnavailableError,
-    503: ServerUnavailableError,
-    504: ServerUnavailableError,
+    502: BackendUnavailableError,
+    503: BackendUnavailableError,  # the server's store or queue is down (a named type says which)
+    504: BackendUnavailableError,
 }
 
 
@@ -140,11 +141,12 @@ def remote_error(type_name: str | None, message: str, fallback: type[KvwireError
     """The typed error a server reported by name (``kvwire-error-type``, JSON ``error.type``).
 
     Names are only trusted within the family the status implies, so that a 404 is always a
-    ``NotFoundError`` and a 503 always retryable whatever the body says.
+    ``NotFoundError`` and a 503 always retryable whatever the body says. An unavailable status that
+    names no kvwire error came from something other than the kvwire server (a proxy, the network).
     """
     cls = ERROR_CLASSES.get(type_name or "")
     if cls is None or not (issubclass(cls, fallback) or fallback is KvwireError):
-        cls = fallback
+        cls = ServerUnavailableError if fallback is BackendUnavailableError else fallback
     return cls(message)
 
 
@@ -158,7 +160,7 @@ def http_error(status: int, body: bytes, what: str) -> KvwireError:
         type_name, message = str(detail["type"]), str(detail["message"])
     except (ValueError, KeyError, TypeError):
         pass
-    fallback = STATUS_ERRORS.get(status, ServerUnavailableError if status >= 500 else KvwireError)
+    fallback = STATUS_ERRORS.get(status, BackendUnavailableError if status >= 500 else KvwireError)
     if status == 500:  # corrupt stored data, model mismatch on the server: not transient
         fallback = KvwireError
     return remote_error(type_name, f"{what}: HTTP {status}: {message}", fallback)
