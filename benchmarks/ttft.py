@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                     ids = text_tokens(tokenizer, TEXTS, n_tokens)
                     question = list(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
                 rows += measure_context(args, model, tokenizer, service, url, ids, question, device)
+                save(rows, args)  # after each context: a long run keeps what it measured
         finally:
             server.should_exit = True
             service.close()
@@ -317,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
-    table = markdown(rows, args)
-    print(table)
+    print(markdown(rows, args))
+    return 0
+
+
+def save(rows: list[Row], args: argparse.Namespace) -> None:
     if args.out:
-        args.out.write_text(table)
+        args.out.write_text(markdown(rows, args))
         args.out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     if args.plot:
         plot(rows, args.plot)
-    return 0
 
 
 if __name__ == "__main__":

@@ -309,6 +309,7 @@ class Client:
         self.profiles = ProfileCache(profile_dir)
         self._fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._recompute_s_per_token: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._decode_s_per_chunk: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def __enter__(self) -> Client:
         return self
@@ -398,8 +399,8 @@ class Client:
 
     def measure_costs(self, model: Any, tokens: int = 256) -> CostModel:
         """The device costs the controller plans with: recompute per token timed on a dummy
-        ``tokens``-token prefill of ``model`` (once per model object); decode per chunk starts from
-        a default and is measured during each load."""
+        ``tokens``-token prefill of ``model`` (once per model object); decode per chunk as measured
+        by the last load into this model (a default before the first), and again during each load."""
         if model not in self._recompute_s_per_token:
             vocab = int(model.get_input_embeddings().num_embeddings)
             device = next(model.parameters()).device
@@ -413,7 +414,7 @@ class Client:
             self._recompute_s_per_token[model] = (time.perf_counter() - start) / tokens
         return CostModel(
             recompute_s_per_token=self._recompute_s_per_token[model],
-            decode_s_per_chunk=DEFAULT_DECODE_S_PER_CHUNK,
+            decode_s_per_chunk=self._decode_s_per_chunk.get(model, DEFAULT_DECODE_S_PER_CHUNK),
             request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S,
         )
 
@@ -508,6 +509,9 @@ class Client:
         records = loader.run(progress)
         cache = sink.result()
         timings.total_s = time.perf_counter() - started
+        decoded = [r.compute_s for r in records if r.kind == "kv"]
+        if decoded:  # the next adaptive load into this model starts from what this one measured
+            self._decode_s_per_chunk[model] = sum(decoded) / len(decoded)
         token_ids = [t for c in manifest.chunks for t in c.token_ids]
         return LoadedContext(manifest, cache, token_ids, records, timings, mode)
 

@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
     )
+    if not args.verbose:  # one line per HTTP request or chunk decision: the CLI prints its own summary
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("kvwire.controller").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # kvwire never downloads models
     try:
         return int(args.command(args))

@@ -175,15 +175,16 @@ def test_best_level_answers_like_a_full_prefill(
 def test_adaptive_meets_its_slo_under_a_throttled_link(
     server: ServerProcess, context: Context, model_and_profile: Any, tmp_path: Path
 ) -> None:
-    """At 20 Mbit/s every chunk at level 0 takes longer than the SLO to arrive; adaptive mode
-    lowers levels (or recomputes text) and is ready within the SLO."""
+    """On a 5 Mbit/s link the best level takes longer than the SLO just to arrive; adaptive mode lowers
+    levels (or recomputes text) and is ready within the SLO. The SLO is set from a measured load at the
+    smallest level, since this machine's decode speed varies with its load."""
     model, tokenizer, _ = model_and_profile
-    rate = 20e6 / 8
-    level0_s = sum(c.level(0).nbytes for c in context.manifest.chunks) / rate
-    slo_s = 1.5
-    assert level0_s > slo_s  # the link is too slow for the best level: adaptation is needed
-    with client_for(server, "rest", throttle="20mbps", profile_dir=tmp_path) as client:
-        client.load(model, "gpl3", tokenizer=tokenizer, mode=Mode.fixed_level(4))  # warm profile + model
+    rate = 5e6 / 8
+    with client_for(server, "rest", throttle="5mbps", profile_dir=tmp_path) as client:
+        smallest = client.load(model, "gpl3", tokenizer=tokenizer, mode=Mode.fixed_level(4))
+        slo_s = 1.5 * smallest.timings.total_s + 0.5
+        level0_s = sum(c.level(0).nbytes for c in context.manifest.chunks) / rate
+        assert level0_s > slo_s  # the link is too slow for the best level: adaptation is needed
         loaded = client.load(
             model,
             "gpl3",
@@ -191,9 +192,10 @@ def test_adaptive_meets_its_slo_under_a_throttled_link(
             mode=Mode.adaptive(slo_s, margin=0.2),
             bandwidth_hint_bytes_per_s=rate,
         )
-    choices = [(r.kind, r.level, r.reason) for r in loaded.chunks]
-    assert loaded.slo_met, (loaded.timings, choices)
+    choices = [(r.kind, r.level, round(r.fetch_s, 3), round(r.compute_s, 3)) for r in loaded.chunks]
+    assert loaded.slo_met, (slo_s, loaded.timings, choices)
     assert any(r.kind == "text" or r.level != 0 for r in loaded.chunks), choices
+    assert any(r.kind == "text" or r.level != 4 for r in loaded.chunks), choices  # not just the floor
 
 
 def test_server_killed_and_restarted_mid_load(
