@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from kvwire.client.retry import Deadline, RetryPolicy, call_with_retries, is_transient
+from kvwire.client.retry import RetryPolicy, call_with_retries, is_transient
 from kvwire.client.transport import StreamSpec, Transport
 from kvwire.controller import ChunkOption, ContextOptions, Controller, CostModel, Mode, ThroughputEstimator
 from kvwire.errors import CorruptChunkError, InvalidInputError, KvwireError, ServerUnavailableError
@@ -269,21 +269,12 @@ def verify_chunk(manifest: ContextManifest, index: int, level: int, data: bytes,
 class Loader:
     """Runs one load of ``plan`` into ``sink``; :meth:`run` returns the per-chunk records."""
 
-    def __init__(
-        self,
-        plan: LoadPlan,
-        sink: KVSink,
-        *,
-        started: float,
-        deadline: Deadline,
-        timings: LoadTimings | None = None,
-    ):
+    def __init__(self, plan: LoadPlan, sink: KVSink, *, started: float, timings: LoadTimings | None = None):
         if plan.prefetch < 1:
             raise InvalidInputError(f"prefetch must be >= 1, got {plan.prefetch}")
         self.plan = plan
         self.sink = sink
         self.started = started
-        self.deadline = deadline
         self.tracker = CostTracker(plan.costs)
         self.timings = timings or LoadTimings()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=plan.prefetch)
@@ -340,7 +331,6 @@ class Loader:
                     functools.partial(plan.transport.get_chunk, manifest.context_id, chunk.index, level),
                     plan.retry,
                     what=f"chunk {chunk.index} of {manifest.context_id!r}",
-                    deadline=self.deadline,
                     on_retry=functools.partial(_count_retry, attempts),
                 )
                 verify_chunk(manifest, chunk.index, level, fetched.data, fetched.level)
@@ -379,7 +369,7 @@ class Loader:
                     return len(manifest.chunks)
                 received += 1
         except KvwireError as exc:
-            if not is_transient(exc) or self.deadline.remaining_s() <= 0:
+            if not is_transient(exc):
                 raise
             log.warning("push stream broke after %d chunks (%s); resuming in pull mode", received, exc)
             self.timings.retries += 1
@@ -419,8 +409,8 @@ class Loader:
         return records
 
     def _next(self) -> Any:
-        # The fetcher's requests have timeouts and its retries a deadline; this bound is a backstop.
-        wait_s = max(self.deadline.remaining_s(), 0.0) + 30.0
+        # The fetcher's requests have timeouts and each chunk's retries a time budget; a backstop.
+        wait_s = self.plan.retry.total_timeout_s + 120.0
         try:
             return self._queue.get(timeout=wait_s)
         except queue.Empty:

@@ -1,9 +1,10 @@
 """Retries with exponential backoff under one time budget, for the client's requests.
 
 A load makes many requests (manifest, profile, one per chunk); every one of them retries transient
-failures (:func:`is_transient`) with full-jitter exponential backoff, and all of them draw on one
-deadline, so a load that meets a dead server fails within ``total_timeout_s`` with a
-``ServerUnavailableError`` instead of hanging. Permanent errors (404, auth, corrupt data) are raised
+failures (:func:`is_transient`) with full-jitter exponential backoff for at most ``total_timeout_s``
+(the manifest and the profile share one such budget), so a load that meets a dead server fails within
+that time plus one request timeout with a ``ServerUnavailableError`` instead of hanging, however long
+the load had been running. Permanent errors (404, auth, corrupt data) are raised
 at once. Small enough that a retry library would not save code: the shared deadline and the
 resume-from-last-good-chunk logic live in the caller either way.
 """
@@ -38,8 +39,8 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try. ``total_timeout_s`` bounds every retry of one operation (a whole load shares
-    one :class:`Deadline`); ``max_attempts`` bounds the tries of one request."""
+    """How hard to try: ``total_timeout_s`` bounds how long one operation is retried (the time from
+    its first attempt to the last retry's start); ``max_attempts`` bounds its tries."""
 
     max_attempts: int = 8
     initial_backoff_s: float = 0.1

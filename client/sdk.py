@@ -488,7 +488,7 @@ class Client:
                 else _nominal_costs()
             )
         started = time.perf_counter()
-        manifest, profile, deadline, timings = self._prepare(context_id, model_fingerprint, started)
+        manifest, profile, _, timings = self._prepare(context_id, model_fingerprint, started)
         mode = mode or Mode.fixed_level(manifest.default_level)
         hint = bandwidth_hint_bytes_per_s or DEFAULT_BANDWIDTH_BYTES_PER_S
         plan = LoadPlan(
@@ -505,7 +505,7 @@ class Client:
             retry=self.retry,
         )
         sink = CacheBuilder(model)
-        loader = Loader(plan, sink, started=started, deadline=deadline, timings=timings)
+        loader = Loader(plan, sink, started=started, timings=timings)
         records = loader.run(progress)
         cache = sink.result()
         timings.total_s = time.perf_counter() - started
@@ -529,7 +529,7 @@ class Client:
         """The plain tensor API: every chunk's KV at ``level`` (default: the manifest's), decoded on
         ``device``. With ``model_fingerprint``, a context of another model is refused."""
         started = time.perf_counter()
-        manifest, profile, deadline, timings = self._prepare(context_id, model_fingerprint, started)
+        manifest, profile, _, timings = self._prepare(context_id, model_fingerprint, started)
         plan = LoadPlan(
             transport=self.transport,
             manifest=manifest,
@@ -540,7 +540,7 @@ class Client:
             retry=self.retry,
         )
         sink = TensorCollector(device, dtype)
-        loader = Loader(plan, sink, started=started, deadline=deadline, timings=timings)
+        loader = Loader(plan, sink, started=started, timings=timings)
         records = loader.run(progress)
         loader.timings.total_s = time.perf_counter() - started
         chunks = [
