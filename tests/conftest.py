@@ -16,6 +16,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The GPU path's Triton kernels run on CPU tensors in the interpreter (tests/codec/test_gpu.py). Triton
+# reads this when it is first imported, and test modules that run the model (tests/client) may import it
+# (through transformers' generate) before tests/codec/conftest.py is loaded: so it is set here, first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -298,3 +298,12 @@ def test_robust_estimator_discounts_by_recent_error() -> None:
     assert est.predict() == pytest.approx(100.0)  # prediction was exact: no discount
     est.add_sample(50, 1.0)  # predicted 100, got 50: error 1.0
     assert est.predict() == pytest.approx((2 / (1 / 100 + 1 / 50)) / 2)
+
+
+def test_warm_up_runs_every_policy_once_per_process() -> None:
+    from kvwire import controller
+
+    controller.warm_up.cache_clear()
+    controller.warm_up()
+    controller.warm_up()
+    assert controller.warm_up.cache_info().misses == 1
