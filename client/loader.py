@@ -428,6 +428,15 @@ class Loader:
         chunk, plan = item.chunk, self.plan
         start = time.perf_counter()
         if item.kind == "kv":
+            # The header is checked against the manifest before decoding, so a chunk that claims more
+            # tokens than its manifest entry cannot make the decoder allocate for them.
+            header = fmt.read_header(item.data)
+            if header.n_tokens != chunk.token_end - chunk.token_start:
+                raise CorruptChunkError(
+                    f"chunk {chunk.index} holds {header.n_tokens} tokens, not its manifest's"
+                )
+            if header.token_start != chunk.token_start:
+                raise CorruptChunkError(f"chunk {chunk.index} starts at token {header.token_start}")
             kv = codec.decode_chunk(
                 item.data,
                 plan.profile,
@@ -437,9 +446,6 @@ class Loader:
             )
             if kv.shape[3] != chunk.token_end - chunk.token_start:
                 raise CorruptChunkError(f"chunk {chunk.index} decodes to {kv.shape[3]} tokens")
-            header = fmt.read_header(item.data)
-            if header.token_start != chunk.token_start:
-                raise CorruptChunkError(f"chunk {chunk.index} starts at token {header.token_start}")
             self.sink.add_kv(chunk, kv)
             compute_s = time.perf_counter() - start
             self.tracker.observe_decode(compute_s)
