@@ -202,9 +202,14 @@ def _demo_runs(
     ids = text_tokens(tokenizer, [text], context_tokens)
     say(f"ingesting {context_tokens} tokens of {text} ...")
     t0 = time.perf_counter()
-    manifest = client.ingest(
-        token_ids=ids, progress=lambda done, total: say(f"  encoded {done}/{total} chunks")
-    )
+    reported = [-1]
+
+    def progress(done: int, total: int) -> None:  # called on every poll of the job: report changes
+        if done != reported[0]:
+            reported[0] = done
+            say(f"  encoded {done}/{total} chunks")
+
+    manifest = client.ingest(token_ids=ids, progress=progress)
     stored = ", ".join(
         f"L{lv} {sum(c.level(lv).nbytes for c in manifest.chunks) / 1e6:.2f} MB" for lv in manifest.levels
     )
