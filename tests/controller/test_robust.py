@@ -20,28 +20,8 @@ from kvwire.controller import (
 )
 from kvwire.errors import InvalidInputError
 
-LEVELS = (0, 1, 2)
+from .conftest import LEVELS, costs_st, manifests, rate_st
 
-
-@st.composite
-def manifests(draw: st.DrawFn, max_chunks: int = 5) -> tuple[ChunkOption, ...]:
-    """Chunks whose size shrinks with the level (as the codec's levels do), some chunks short."""
-    n = draw(st.integers(1, max_chunks))
-    chunks = []
-    for i in range(n):
-        tokens = draw(st.sampled_from([256, 256, 256, 17, 100]))
-        sizes = sorted(draw(st.lists(st.integers(1_000, 3_000_000), min_size=3, max_size=3)), reverse=True)
-        chunks.append(ChunkOption(i, tokens, dict(zip(LEVELS, sizes, strict=True))))
-    return tuple(chunks)
-
-
-costs_st = st.builds(
-    CostModel,
-    recompute_s_per_token=st.sampled_from([1e-5, 1e-4, 5e-4, 2e-3]),
-    decode_s_per_chunk=st.sampled_from([0.0, 0.002, 0.02]),
-    request_overhead_s=st.sampled_from([0.0, 0.001]),
-)
-rate_st = st.floats(1e5, 1e9)
 modes_st = st.one_of(
     st.builds(Mode.adaptive, st.floats(0.001, 5.0)),
     st.builds(Mode.adaptive, st.floats(0.001, 5.0), st.sampled_from([0.0, 0.2])),
@@ -89,7 +69,7 @@ def run_controller(
 
 @settings(max_examples=120, deadline=None)
 @given(
-    chunks=manifests(),
+    chunks=manifests(max_chunks=5),
     costs=costs_st,
     mode=modes_st,
     policy=st.sampled_from(POLICIES),
@@ -129,7 +109,7 @@ def fastest_possible(chunks, costs: CostModel, rate: float) -> float:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    chunks=manifests(),
+    chunks=manifests(max_chunks=5),
     costs=costs_st,
     rate=rate_st,
     slack=st.floats(1.000001, 3.0),  # exactly 1 would leave the plan at the mercy of float rounding
@@ -151,7 +131,7 @@ def test_accurate_prediction_and_feasible_slo_is_always_met(
 
 
 @settings(max_examples=80, deadline=None)
-@given(chunks=manifests(), costs=costs_st, rate=rate_st, slo=st.floats(0.001, 5.0))
+@given(chunks=manifests(max_chunks=5), costs=costs_st, rate=rate_st, slo=st.floats(0.001, 5.0))
 def test_robust_insures_or_is_no_less_safe_than_the_lookahead(chunks, costs, rate, slo) -> None:
     """When the robust policy changes the lookahead's choice, it keeps the deadline at the predicted
     rate and is at least as safe if the link drops to the insured floor now."""
