@@ -14,7 +14,7 @@ from kvwire._proto import CHANNEL_OPTIONS
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
 from kvwire.errors import AuthError, InvalidInputError, RateLimitError
-from kvwire.server.auth import AccessControl
+from kvwire.server.auth import AccessControl, RedisRateLimiter, shared_rate_limit_redis
 from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
 from kvwire.server.grpc_server import ERROR_TYPE_KEY, RETRY_AFTER_KEY, serve_grpc
 from kvwire.server.jobs import InProcessJobQueue
@@ -249,6 +249,164 @@ def test_rate_limit_off_by_default() -> None:
     assert access.limiter is None
     for _ in range(500):
         access.admit("Bearer k")
+
+
+# ----------------------------------------------------------------------- rate limits shared by Redis
+
+
+def shared_settings(tmp_path: Path, redis: str, namespace: str, **overrides: Any) -> ServiceSettings:
+    values: dict[str, Any] = dict(
+        rate_limit_per_s=0.05, rate_limit_burst=4, rate_limit_redis_url=redis, jobs_namespace=namespace
+    )
+    return make_settings(tmp_path, **{**values, **overrides})
+
+
+@pytest.mark.integration
+def test_rate_limit_is_shared_by_two_instances_through_redis(
+    store: Store,
+    worker: Any,
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Two server instances (own AccessControl each, as two processes have), REST on one and gRPC on
+    the other, sharing a real redis-server: together they admit the burst once, not twice."""
+    namespace = "rl-" + tmp_path.name[-12:]
+    settings = shared_settings(tmp_path, redis_url, namespace)
+    service = KvwireService(store, InProcessJobQueue(), settings, worker)
+    access_a, access_b = AccessControl(settings), AccessControl(settings)
+    assert isinstance(access_a.limiter, RedisRateLimiter)
+    server = serve_grpc(service, settings, 0, access=access_b)
+    try:
+        with (
+            TestClient(create_app(service, access=access_a), raise_server_exceptions=False) as client,
+            grpc.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel,
+        ):
+            stub = pb_grpc.KvwireStub(channel)
+            for _ in range(2):  # 4 requests, alternating instances: the whole burst
+                assert client.get("/v1/contexts", headers=ALICE).status_code == 200
+                stub.ListContexts(pb.ListContextsRequest(), metadata=ALICE_MD)
+            r = client.get("/v1/contexts", headers=ALICE)
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20
+            err = rpc_error(lambda: stub.ListContexts(pb.ListContextsRequest(), metadata=ALICE_MD))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert client.get("/v1/contexts", headers=BOB).status_code == 200  # Bob's own bucket
+            # Each process alone would still have admitted the rest of its burst.
+            assert access_a.limiter.fallback.consume(hash_api_key("alice-key"))
+    finally:
+        server.stop(grace_s=None)
+        access_a.close()
+        access_b.close()
+    # One hash per key, expiring; neither the key nor its stored hash appears in Redis.
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in r.scan_iter(f"{namespace}:ratelimit:*"))
+    assert len(keys) == 2
+    for key in keys:
+        assert 0 < r.pttl(key) <= (4 / 0.05 + 1) * 1000
+        assert (
+            "alice" not in key and hash_api_key("alice-key") not in key and hash_api_key("bob-key") not in key
+        )
+    r.close()
+
+
+def test_rate_limit_fails_open_to_the_process_bucket_when_redis_is_down(tmp_path: Path) -> None:
+    """Redis unreachable: no 500 and no unlimited access; this process's bucket decides, and Redis is
+    not asked again (or waited for) on every request."""
+    from ..storage.conftest import free_port
+
+    settings = shared_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0", "down", rate_limit_burst=3)
+    access = AccessControl(settings)
+    limiter = access.limiter
+    assert isinstance(limiter, RedisRateLimiter) and not limiter.degraded
+    calls = []
+    connect = limiter._connected
+
+    def counted() -> Any:
+        calls.append(1)
+        return connect()
+
+    limiter._connected = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        assert access.admit("Bearer alice-key") == "alice"
+    with pytest.raises(RateLimitError):
+        access.admit("Bearer alice-key")
+    assert limiter.degraded and len(calls) == 1  # one failed try, then the retry window
+    limiter._skip_until = 0.0  # the window is over: Redis is tried again (and still fails)
+    with pytest.raises(RateLimitError):
+        access.admit("Bearer alice-key")
+    assert len(calls) == 2
+    access.close()
+
+
+def test_rate_limit_redis_is_the_one_configured(tmp_path: Path) -> None:
+    def chosen(**kw: Any) -> Any:
+        return shared_rate_limit_redis(make_settings(tmp_path, **kw))
+
+    assert chosen() is None  # local store, in-process queue: buckets in this process
+    assert chosen(jobs_redis_url="redis://q:1/0") == ("redis://q:1/0", "kvwire", False)
+    explicit = chosen(jobs_redis_url="redis://q:1/0", rate_limit_redis_url="redis://rl:2/0")
+    assert explicit == ("redis://rl:2/0", "kvwire", False)
+    assert chosen(jobs_redis_url="redis://q:1/0") is None
+    settings = make_settings(tmp_path)
+    for store, hot, cluster in (
+        ("redis", "redis", False),
+        ("redis-cluster", "redis", True),
+        ("tiered", "redis-cluster", True),
+    ):
+        settings.storage.store, settings.storage.tiered_hot = store, hot  # type: ignore[assignment]
+        assert shared_rate_limit_redis(settings) == (settings.storage.redis_url, "kvwire", cluster)
+    settings.storage.store = "s3"
+    assert shared_rate_limit_redis(settings) is None
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_token_when_configured(store: Store, worker: Any, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, metrics_token="scrape-secret")
+    assert settings.metrics_token == hash_api_key("scrape-secret")  # kept hashed, like API keys
+    assert "scrape-secret" not in settings.model_dump_json() + repr(settings)
+    assert make_settings(tmp_path, metrics_token="sha256:" + "AB" * 32).metrics_token == "ab" * 32
+    service = KvwireService(store, InProcessJobQueue(), settings, worker)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        for headers in ({}, ALICE, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-secret"}):
+            r = client.get("/metrics", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "AuthError", headers
+        r = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert r.status_code == 200 and "kvwire_http_requests_total" in r.text
+        assert client.get("/healthz").status_code == 200  # health stays open
+
+
+def test_metrics_open_by_default_and_labels_carry_no_caller_data(client: TestClient) -> None:
+    """Labels are route templates, fixed methods and statuses: no tenant, context id, key or job id,
+    and a client cannot grow the label set with made-up methods."""
+    r = client.post("/v1/contexts", json={"token_ids": [5] * 80, "context_id": "secret-ctx-1"}, headers=ALICE)
+    assert r.status_code == 201
+    job = client.post(
+        "/v1/contexts", json={"token_ids": [5] * 300, "context_id": "secret-ctx-2"}, headers=BOB
+    )
+    assert job.status_code == 202
+    client.get("/v1/contexts/secret-ctx-1/chunks/0", headers=ALICE)
+    client.get("/v1/contexts/secret-ctx-1", headers=BOB)  # 404 for Bob
+    client.get(f"/v1/jobs/{job.json()['id']}", headers=BOB)
+    client.get("/v1/contexts/nope-ctx-3", headers={"Authorization": "Bearer bad-key-4"})
+    for method in ("BREW", "XSECRETMETHOD"):
+        client.request(method, "/v1/contexts", headers=ALICE)
+    text = client.get("/metrics").text
+    for secret in (
+        "alice",
+        "bob",
+        "secret-ctx",
+        "nope-ctx",
+        "bad-key",
+        job.json()["id"],
+        hash_api_key("alice-key"),
+        "BREW",
+        "XSECRETMETHOD",
+    ):
+        assert secret not in text, secret
+    assert 'method="other"' in text and 'route="/v1/contexts/{context_id}/chunks/{index}"' in text
 
 
 # --------------------------------------------------------------------------------------- job limits
