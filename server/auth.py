@@ -162,8 +162,8 @@ class RedisRateLimiter:
             except self._errors as exc:
                 self._redis_failed(exc)
             else:
-                self.fallback.consume(key)  # keep this process's share; its verdict does not count
                 if int(taken):
+                    self.fallback.consume(key)  # this process's share; its verdict does not count
                     return
                 raise _refusal(self.rate_per_s, self.burst, float(tokens), what)
         self.fallback.take(key, what)
@@ -175,16 +175,20 @@ class RedisRateLimiter:
         with self._lock:
             if self._script is None:
                 import redis
+                from redis.backoff import NoBackoff
                 from redis.cluster import RedisCluster
+                from redis.retry import Retry
 
                 options: dict[str, Any] = {
                     "socket_timeout": self._timeout_s,
                     "socket_connect_timeout": self._timeout_s,
+                    # No retries (redis-py's default backs off for up to 10 s): the fallback decides.
+                    "retry": Retry(NoBackoff(), 0),
                 }
                 if self._cluster:  # discovers the nodes now: may raise, like any call
                     self._redis = RedisCluster.from_url(self._url, **options)
                 else:
-                    self._redis = redis.Redis.from_url(self._url, retry_on_timeout=False, **options)
+                    self._redis = redis.Redis.from_url(self._url, **options)
                 self._script = self._redis.register_script(_TOKEN_BUCKET_LUA)
             return self._script
 

@@ -22,7 +22,7 @@ from kvwire.server.rest import create_app
 from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix
 from kvwire.server.storage import Store
 
-from ..storage.conftest import redis_url, s3_endpoint  # noqa: F401 - fixtures for the backend test
+from ..storage.conftest import redis_cluster_url, redis_url, s3_endpoint  # noqa: F401 - fixtures
 from .conftest import make_settings
 
 ALICE = {"Authorization": "Bearer alice-key"}
@@ -310,6 +310,29 @@ def test_rate_limit_is_shared_by_two_instances_through_redis(
     r.close()
 
 
+@pytest.mark.integration
+def test_rate_limit_shared_through_a_redis_cluster_store(
+    tmp_path: Path,
+    redis_cluster_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """With the store on a Redis Cluster and nothing else configured, the buckets go there."""
+    settings = make_settings(tmp_path, rate_limit_per_s=0.05, rate_limit_burst=3)
+    settings.storage.store, settings.storage.redis_url = "redis-cluster", redis_cluster_url
+    settings.storage.redis_namespace = "rl-" + tmp_path.name[-12:]
+    instances = [AccessControl(settings) for _ in range(3)]
+    try:
+        for access in instances:
+            assert isinstance(access.limiter, RedisRateLimiter)
+            assert access.admit("Bearer bob-key") == "bob"
+        for access in instances:
+            with pytest.raises(RateLimitError):
+                access.admit("Bearer bob-key")
+            assert not access.limiter.degraded  # type: ignore[union-attr]
+    finally:
+        for access in instances:
+            access.close()
+
+
 def test_rate_limit_fails_open_to_the_process_bucket_when_redis_is_down(tmp_path: Path) -> None:
     """Redis unreachable: no 500 and no unlimited access; this process's bucket decides, and Redis is
     not asked again (or waited for) on every request."""
@@ -347,7 +370,7 @@ def test_rate_limit_redis_is_the_one_configured(tmp_path: Path) -> None:
     assert chosen(jobs_redis_url="redis://q:1/0") == ("redis://q:1/0", "kvwire", False)
     explicit = chosen(jobs_redis_url="redis://q:1/0", rate_limit_redis_url="redis://rl:2/0")
     assert explicit == ("redis://rl:2/0", "kvwire", False)
-    assert chosen(jobs_redis_url="redis://q:1/0") is None
+    assert chosen(jobs_redis_url="redis://q:1/0", rate_limit_shared=False) is None
     settings = make_settings(tmp_path)
     for store, hot, cluster in (
         ("redis", "redis", False),
