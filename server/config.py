@@ -103,13 +103,13 @@ class ServiceSettings(BaseSettings):
     # refilled at rate_limit_per_s, holding at most rate_limit_burst. 0 = no rate limit.
     rate_limit_per_s: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)  # 0 = max(1, ceil(rate_limit_per_s))
-    # Buckets shared by every server process through Redis (one Lua script per request): the URL named
-    # here, else the job queue's Redis, else the store's (redis, redis-cluster, tiered hot tier). No
-    # Redis, or rate_limit_shared=false: buckets in this process only. docs/reliability.md, "Security".
-    rate_limit_redis_url: str | None = None
-    rate_limit_shared: bool = True
-    rate_limit_redis_timeout_s: float = Field(default=0.5, gt=0)  # then this process's bucket decides
-    rate_limit_redis_retry_s: float = Field(default=5.0, gt=0)  # how long Redis is skipped after a failure
+    # Limits shared by every server process (rate-limit buckets, per-tenant job slots) live in Redis:
+    # the URL named here, else the job queue's Redis, else the store's (redis, redis-cluster, tiered
+    # hot tier). No Redis, or limits_shared=false: per process. See kvwire.server.limits.
+    limits_redis_url: str | None = None
+    limits_shared: bool = True
+    limits_redis_timeout_s: float = Field(default=0.5, gt=0)  # then this process's own state decides
+    limits_redis_retry_s: float = Field(default=5.0, gt=0)  # how long Redis is skipped after a failure
     # /metrics: open (None) for a Prometheus scraper on a private network, or only for
     # ``Authorization: Bearer <token>``. Kept as its sha256 like the API keys (``sha256:<hex>`` accepted).
     metrics_token: str | None = None

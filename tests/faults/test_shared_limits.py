@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 KEYS = {"alice": "alice-key", "bob": "bob-key", "carol": "carol-key"}
 BURST = 6
-RETRY_S = 1.0  # KVWIRE_RATE_LIMIT_REDIS_RETRY_S: how long a server skips a failed Redis
+RETRY_S = 1.0  # KVWIRE_LIMITS_REDIS_RETRY_S: how long a server skips a failed Redis
 
 
 def auth(tenant: str) -> dict[str, str]:
@@ -45,7 +45,7 @@ def test_two_servers_share_rate_and_job_limits(tmp_path: Path, redis_proc: Redis
         # One token per 100 s: nothing refills while the test runs.
         "KVWIRE_RATE_LIMIT_PER_S": "0.01",
         "KVWIRE_RATE_LIMIT_BURST": str(BURST),
-        "KVWIRE_RATE_LIMIT_REDIS_RETRY_S": str(RETRY_S),
+        "KVWIRE_LIMITS_REDIS_RETRY_S": str(RETRY_S),
         "KVWIRE_REDIS_SOCKET_TIMEOUT_S": "1",
         "KVWIRE_REDIS_CONNECT_TIMEOUT_S": "0.5",
     }
@@ -106,7 +106,7 @@ def test_two_servers_share_rate_and_job_limits(tmp_path: Path, redis_proc: Redis
         assert rest_list(a, "carol") == 429 and grpc_list("carol") == grpc.StatusCode.RESOURCE_EXHAUSTED
         for server in servers:
             log = server.log_path.read_text()
-            assert "rate limits are per process for the next" in log
+            assert "limits are per process for the next" in log
             assert "Traceback" not in log
         a.close()
         b.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,13 @@ from kvwire._proto import CHANNEL_OPTIONS
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
 from kvwire.errors import AuthError, InvalidInputError, RateLimitError
-from kvwire.server.auth import AccessControl, RedisRateLimiter, shared_rate_limit_redis
+from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
 from kvwire.server.grpc_server import ERROR_TYPE_KEY, RETRY_AFTER_KEY, serve_grpc
-from kvwire.server.jobs import InProcessJobQueue
+from kvwire.server.jobs import IngestRequest, InProcessJobQueue
+from kvwire.server.limits import LimitsRedis, RedisRateLimiter, SharedJobSlots, shared_limits_redis
 from kvwire.server.rest import create_app
-from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix
+from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix, open_job_queue
 from kvwire.server.storage import Store
 
 from ..storage.conftest import redis_cluster_url, redis_url, s3_endpoint  # noqa: F401 - fixtures
@@ -256,7 +258,7 @@ def test_rate_limit_off_by_default() -> None:
 
 def shared_settings(tmp_path: Path, redis: str, namespace: str, **overrides: Any) -> ServiceSettings:
     values: dict[str, Any] = dict(
-        rate_limit_per_s=0.05, rate_limit_burst=4, rate_limit_redis_url=redis, jobs_namespace=namespace
+        rate_limit_per_s=0.05, rate_limit_burst=4, limits_redis_url=redis, jobs_namespace=namespace
     )
     return make_settings(tmp_path, **{**values, **overrides})
 
@@ -311,7 +313,7 @@ def test_rate_limit_is_shared_by_two_instances_through_redis(
 
 
 @pytest.mark.integration
-def test_rate_limit_shared_through_a_redis_cluster_store(
+def test_limits_shared_through_a_redis_cluster_store(
     tmp_path: Path,
     redis_cluster_url: str,  # noqa: F811 - the fixture
 ) -> None:
@@ -327,7 +329,7 @@ def test_rate_limit_shared_through_a_redis_cluster_store(
         for access in instances:
             with pytest.raises(RateLimitError):
                 access.admit("Bearer bob-key")
-            assert not access.limiter.degraded  # type: ignore[union-attr]
+            assert not access.limiter.redis.degraded  # type: ignore[union-attr]
     finally:
         for access in instances:
             access.close()
@@ -341,21 +343,21 @@ def test_rate_limit_fails_open_to_the_process_bucket_when_redis_is_down(tmp_path
     settings = shared_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0", "down", rate_limit_burst=3)
     access = AccessControl(settings)
     limiter = access.limiter
-    assert isinstance(limiter, RedisRateLimiter) and not limiter.degraded
+    assert isinstance(limiter, RedisRateLimiter) and not limiter.redis.degraded
     calls = []
-    connect = limiter._connected
+    script = limiter.redis._script
 
-    def counted() -> Any:
+    def counted(lua: str) -> Any:
         calls.append(1)
-        return connect()
+        return script(lua)
 
-    limiter._connected = counted  # type: ignore[method-assign]
+    limiter.redis._script = counted  # type: ignore[method-assign]
     for _ in range(3):
         assert access.admit("Bearer alice-key") == "alice"
     with pytest.raises(RateLimitError):
         access.admit("Bearer alice-key")
-    assert limiter.degraded and len(calls) == 1  # one failed try, then the retry window
-    limiter._skip_until = 0.0  # the window is over: Redis is tried again (and still fails)
+    assert limiter.redis.degraded and len(calls) == 1  # one failed try, then the retry window
+    limiter.redis._skip_until = 0.0  # the window is over: Redis is tried again (and still fails)
     with pytest.raises(RateLimitError):
         access.admit("Bearer alice-key")
     assert len(calls) == 2
@@ -364,13 +366,13 @@ def test_rate_limit_fails_open_to_the_process_bucket_when_redis_is_down(tmp_path
 
 def test_rate_limit_redis_is_the_one_configured(tmp_path: Path) -> None:
     def chosen(**kw: Any) -> Any:
-        return shared_rate_limit_redis(make_settings(tmp_path, **kw))
+        return shared_limits_redis(make_settings(tmp_path, **kw))
 
     assert chosen() is None  # local store, in-process queue: buckets in this process
     assert chosen(jobs_redis_url="redis://q:1/0") == ("redis://q:1/0", "kvwire", False)
-    explicit = chosen(jobs_redis_url="redis://q:1/0", rate_limit_redis_url="redis://rl:2/0")
+    explicit = chosen(jobs_redis_url="redis://q:1/0", limits_redis_url="redis://rl:2/0")
     assert explicit == ("redis://rl:2/0", "kvwire", False)
-    assert chosen(jobs_redis_url="redis://q:1/0", rate_limit_shared=False) is None
+    assert chosen(jobs_redis_url="redis://q:1/0", limits_shared=False) is None
     settings = make_settings(tmp_path)
     for store, hot, cluster in (
         ("redis", "redis", False),
@@ -378,9 +380,9 @@ def test_rate_limit_redis_is_the_one_configured(tmp_path: Path) -> None:
         ("tiered", "redis-cluster", True),
     ):
         settings.storage.store, settings.storage.tiered_hot = store, hot  # type: ignore[assignment]
-        assert shared_rate_limit_redis(settings) == (settings.storage.redis_url, "kvwire", cluster)
+        assert shared_limits_redis(settings) == (settings.storage.redis_url, "kvwire", cluster)
     settings.storage.store = "s3"
-    assert shared_rate_limit_redis(settings) is None
+    assert shared_limits_redis(settings) is None
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -499,3 +501,63 @@ def test_every_stored_key_is_in_its_tenants_namespace(
         assert service.manifest("alice", "same-id").tenant == "alice"
     finally:
         service.close()
+
+
+def _slot_queue(url: str, namespace: str, *, lease_s: float = 60.0) -> InProcessJobQueue:
+    redis = LimitsRedis(url, namespace=namespace)
+    return InProcessJobQueue(max_per_tenant=2, slots=SharedJobSlots(redis, 2, lease_s=lease_s))
+
+
+@pytest.mark.integration
+def test_in_process_queues_share_the_per_tenant_job_limit_through_redis(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Server processes that each run their own job queue (a Redis store, no Redis job queue) still
+    hold a tenant to one limit between them; a slot is freed when its job ends, or when the process
+    holding it dies (its lease is not renewed)."""
+    namespace = "slots-" + tmp_path.name[-12:]
+    settings = make_settings(tmp_path, max_jobs_per_tenant=2)
+    settings.storage.store, settings.storage.redis_url = "redis", redis_url
+    built = open_job_queue(settings)
+    assert isinstance(built, InProcessJobQueue) and built._slots is not None
+    built.close()
+    q1, q2 = _slot_queue(redis_url, namespace), _slot_queue(redis_url, namespace, lease_s=0.5)
+    alice = IngestRequest(tenant="alice", context_id="c", token_ids=[1])
+    try:
+        q1.submit(alice)
+        q2.submit(alice)
+        for q in (q1, q2):
+            with pytest.raises(RateLimitError, match="limit 2"):
+                q.submit(alice)
+        q2.submit(IngestRequest(tenant="bob", context_id="c", token_ids=[1]))  # Bob has his own
+        assert q1.process_one(lambda request, progress: None, consumer="t", block_s=1)  # frees a slot
+        q2.submit(alice)
+        with pytest.raises(RateLimitError):
+            q1.submit(alice)
+        # q2's process "dies": its renewals stop, and its two slots expire with their leases.
+        q2._slots._stop.set()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                q1.submit(alice)
+                break
+            except RateLimitError:
+                assert time.monotonic() < deadline, "a dead process's slots were never freed"
+                time.sleep(0.1)
+    finally:
+        q1.close()
+        q2.close()
+
+
+def test_per_tenant_job_limit_is_per_process_while_its_redis_is_down(tmp_path: Path) -> None:
+    from ..storage.conftest import free_port
+
+    q = _slot_queue(f"redis://127.0.0.1:{free_port()}/0", "down")
+    alice = IngestRequest(tenant="alice", context_id="c", token_ids=[1])
+    q.submit(alice)
+    q.submit(alice)  # Redis refused the connection: this process's own count decides
+    with pytest.raises(RateLimitError, match="limit 2"):
+        q.submit(alice)
+    assert q._slots is not None and q._slots.redis.degraded
+    q.close()
