@@ -443,6 +443,7 @@ class Loader:
                 model_fingerprint=plan.manifest.model_fingerprint,
                 device=self.sink.device,
                 dtype=self.sink.dtype,
+                max_chunk_tokens=header.n_tokens,  # the manifest's count, checked above
             )
             if kv.shape[3] != chunk.token_end - chunk.token_start:
                 raise CorruptChunkError(f"chunk {chunk.index} decodes to {kv.shape[3]} tokens")

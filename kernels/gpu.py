@@ -173,6 +173,7 @@ def stage_chunks(
     profile: CalibrationProfile,
     device: torch.device,
     model_fingerprint: str | None = None,
+    max_chunk_tokens: int | None = None,  # decode-size limit, see codec.check_chunk_tokens
 ) -> StagedBatch:
     """Validate every chunk (header, sizes, profile, checksum) and upload all their bytes at once.
 
@@ -181,7 +182,12 @@ def stage_chunks(
     its bytes are there, overlapping the later chunks' checksums. A bad checksum raises before the
     caller can launch anything. The pinned buffer keeps the size of the largest batch seen.
     """
-    parsed = [codec.validate_chunk(c, profile, model_fingerprint, verify_crc=False) for c in chunks]
+    parsed = [
+        codec.validate_chunk(
+            c, profile, model_fingerprint, verify_crc=False, max_chunk_tokens=max_chunk_tokens
+        )
+        for c in chunks
+    ]
     views = [memoryview(c).cast("B") for c in chunks]
     base = np.cumsum([0] + [len(v) for v in views]).tolist()
     total = base[-1]
@@ -254,6 +260,7 @@ def decode_chunks_gpu(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    max_chunk_tokens: int | None = None,  # decode-size limit, see codec.check_chunk_tokens
 ) -> list[torch.Tensor]:
     """Decode many chunks with one rANS launch and one reconstruction launch; each ``[L, 2, H, T, D]``.
 
@@ -263,7 +270,8 @@ def decode_chunks_gpu(
     if not chunks:
         return []
     dev = _resolve_device(device)
-    return decode_staged(stage_chunks(chunks, profile, dev, model_fingerprint), profile, dtype=dtype)
+    staged = stage_chunks(chunks, profile, dev, model_fingerprint, max_chunk_tokens)
+    return decode_staged(staged, profile, dtype=dtype)
 
 
 def decode_staged(

@@ -176,6 +176,9 @@ class _JobCollector:
         return [family]
 
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
 class RequestMetrics:
     """Count and time every HTTP request by method, route template and status.
 
@@ -203,8 +206,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            # Labels are bounded and carry no caller data: the route *template* (never a context id),
+            # and a known method, since a client may send any token as one.
             path = getattr(scope.get("route"), "path", "unmatched")
             method = scope.get("method", "")
+            method = method if method in _HTTP_METHODS else "other"
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)
 
@@ -427,8 +433,14 @@ def create_app(
         await run_in_threadpool(service.health)
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
-    async def prometheus() -> Response:
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={401: _ERRORS[401]},
+        summary="Prometheus metrics (Bearer KVWIRE_METRICS_TOKEN when one is set)",
+    )
+    async def prometheus(request: Request) -> Response:
+        app.state.access.check_metrics_token(request.headers.get("authorization"))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -509,4 +521,5 @@ def serve(settings: ServiceSettings | None = None) -> None:
     finally:
         if grpc_server is not None:
             grpc_server.stop(settings.shutdown_grace_s)
+        access.close()
         service.close()

@@ -26,6 +26,7 @@ import torch
 from kvwire.errors import InvalidInputError, LimitExceededError, ModelMismatchError, NotFoundError
 from kvwire.server.config import ServiceSettings
 from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job, JobQueue, RedisJobQueue
+from kvwire.server.limits import SharedJobSlots, open_limits_redis
 from kvwire.server.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -676,8 +677,12 @@ def open_job_queue(settings: ServiceSettings) -> JobQueue:
             socket_timeout_s=settings.storage.redis_socket_timeout_s,
             connect_timeout_s=settings.storage.redis_connect_timeout_s,
         )
+    # Several server processes with their own queues still share one per-tenant count when there is
+    # a Redis (kvwire.server.limits).
+    redis = open_limits_redis(settings)
+    slots = None if redis is None else SharedJobSlots(redis, settings.max_jobs_per_tenant)
     return InProcessJobQueue(
-        max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant
+        max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant, slots=slots
     )
 
 

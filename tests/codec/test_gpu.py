@@ -331,3 +331,30 @@ def test_positions_beyond_the_cached_rope_table(
     for data, y in zip(chunks, got, strict=True):
         ref = codec.decode_chunk(data, profile, backend="cpu")
         assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
+
+
+def test_decode_limit_holds_before_staging(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk above the decode limit is refused by the validation in front of the kernels, before
+    its bytes are staged or its output allocated; a caller may allow more."""
+    from kvwire.errors import LimitExceededError
+
+    from .test_codec import dead_chunk
+
+    data = dead_chunk(profile, 5000)
+    real_staging = gpu._checksum_and_copy
+
+    def no_staging(*args: object) -> None:
+        raise AssertionError("bytes staged for a chunk above the limit")
+
+    monkeypatch.setattr(gpu, "_checksum_and_copy", no_staging)
+    with pytest.raises(LimitExceededError, match="5000 tokens"):
+        codec.decode_chunk(data, profile, backend="gpu", device=DEV, max_chunk_tokens=4999)
+    with pytest.raises(LimitExceededError):
+        gpu.decode_chunks_gpu([data], profile, device=DEV, max_chunk_tokens=256)
+    with pytest.raises(LimitExceededError):
+        codec.decode_chunks([data], profile, backend="gpu", device=DEV, max_chunk_tokens=256)
+    monkeypatch.setattr(gpu, "_checksum_and_copy", real_staging)
+    y = codec.decode_chunk(data, profile, backend="gpu", device=DEV, max_chunk_tokens=5000)
+    assert y.shape[3] == 5000 and torch.equal(y.cpu(), codec.decode_chunk(data, profile, backend="cpu"))
