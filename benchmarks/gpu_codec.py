@@ -275,32 +275,22 @@ def tune(out_dir: Path) -> None:
                 (out_dir / "gpu_tune.md").write_text("\n".join(lines) + "\n")
 
 
-DECODE_VARIANTS = [  # (rans_lut8, rans_prefetch, pipe_chunks); the first is the previous version
-    (0, 0, 0),
-    (1, 0, 0),
-    (0, 64, 0),
-    (1, 64, 0),
-    (1, 128, 0),
-    (1, 64, 8),
-    (1, 64, 16),
-    (1, 64, 32),
-]
+DECODE_VARIANTS = [(0, 0), (1, 0), (0, 64), (1, 64), (1, 128)]  # (rans_lut8, rans_prefetch)
 
 
 def decode_variants(
     name: str, variants: list[tuple[int, list[bytes]]], profile: CalibrationProfile, batches: list[int]
-) -> tuple[list[str], tuple[int, int, int]]:
-    """Time the decode kernels and the device part under each (symbol lookup, prefetch, pipeline group)
-    setting of ``gpu.TUNING``; check every output against the first setting's bits. Returns the table
-    lines and the setting fastest (both kernels) on the largest batch with 32 lanes."""
+) -> list[str]:
+    """Time the decode kernels and the device part under each (symbol lookup, prefetch) setting of
+    ``gpu.TUNING``, forced for both segment-count regimes; check every output against the first
+    setting's bits. Returns the table lines."""
     dev = torch.device("cuda")
     lines = [
-        "| model | lanes | chunks | rans_lut8 | rans_prefetch | pipe_chunks | rANS ms | recon ms "
-        "| kernels ms | device ms | kernels Gelt/s | same bits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | lanes | chunks | rans_lut8 | rans_prefetch | rANS ms | recon ms | kernels ms "
+        "| device ms | kernels Gelt/s | same bits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     saved = dict(gpu.TUNING)
-    best: dict[tuple[int, int, int], float] = {}
     for lanes, streams in variants:
         for b in batches:
             if b > len(streams):
@@ -308,10 +298,8 @@ def decode_variants(
             staged = gpu.stage_chunks(streams[:b], profile, dev)
             n = sum(h.elements for h, _ in staged.parsed)
             ref: list[torch.Tensor] | None = None
-            for lut8, prefetch, group in DECODE_VARIANTS:
-                if group and group >= b:
-                    continue  # one group: the same launches as pipe_chunks 0
-                gpu.TUNING.update(rans_lut8=lut8, rans_prefetch=prefetch, pipe_chunks=group)
+            for lut8, prefetch in DECODE_VARIANTS:
+                gpu.TUNING.update(rans_lut8=(lut8, lut8), rans_prefetch=(prefetch, prefetch))
                 batch = gpu.prepare_decode(staged, profile)
                 t_rans = events(functools.partial(gpu.launch_decode, batch), 5)
                 t_recon = events(functools.partial(gpu.launch_reconstruct, batch), 5)
@@ -322,21 +310,17 @@ def decode_variants(
                 ref = ref if ref is not None else outs
                 same = all(torch.equal(a, r) for a, r in zip(outs, ref, strict=True))
                 lines.append(
-                    f"| {name} | {lanes} | {b} | {lut8} | {prefetch} | {group} | {t_rans * 1e3:.3f} "
-                    f"| {t_recon * 1e3:.3f} "
-                    f"| {t_both * 1e3:.3f} | {t_dev * 1e3:.3f} | {n / t_both / 1e9:.1f} | {same} |"
+                    f"| {name} | {lanes} | {b} | {lut8} | {prefetch} | {t_rans * 1e3:.3f} "
+                    f"| {t_recon * 1e3:.3f} | {t_both * 1e3:.3f} | {t_dev * 1e3:.3f} "
+                    f"| {n / t_both / 1e9:.1f} | {same} |"
                 )
                 print(lines[-1], flush=True)
-                if lanes == 32 and b == max(batches) and same:
-                    best[(lut8, prefetch, group)] = t_both
                 del batch, outs
             del staged, ref
             torch.cuda.empty_cache()
     gpu.TUNING.clear()
     gpu.TUNING.update(saved)
-    default = (saved["rans_lut8"], saved["rans_prefetch"], saved["pipe_chunks"])
-    pick = min(best, key=best.__getitem__) if best else default
-    return lines, pick
+    return lines
 
 
 def _q_spans(batch: gpu.DecodeBatch) -> list[tuple[int, int]]:
@@ -360,7 +344,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-variants",
         action="store_true",
-        help="first sweep gpu.TUNING's decode settings (level 2), then run the table with the fastest",
+        help="also sweep gpu.TUNING's rANS lookup and prefetch settings (level 2, before the table rows)",
     )
     args = parser.parse_args()
     if args.tune:
@@ -500,11 +484,7 @@ def main() -> None:
                 same = torch.equal(ref, codec.decode_chunk(wide[1], profile, device=dev).cpu())
                 exact_rows.append(f"- {name} level {level}, 128 lanes: GPU decode == CPU decode: {same}")
             if args.decode_variants and not variant_rows and len(variants) > 1:
-                lines, pick = decode_variants(name, variants, profile, dec_batches)
-                gpu.TUNING.update(rans_lut8=pick[0], rans_prefetch=pick[1], pipe_chunks=pick[2])
-                variant_rows.extend(lines)
-                variant_rows.append(f"\nFastest on the largest batch, used for the rows above: {pick}")
-                print(variant_rows[-1], flush=True)
+                variant_rows.extend(decode_variants(name, variants, profile, dec_batches))
             for lanes, streams in variants:
                 for b in dec_batches:
                     if b > len(streams):

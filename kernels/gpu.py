@@ -26,6 +26,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,18 +40,18 @@ from kvwire.kernels.transform import rope_tables
 
 # Launch shapes (measured on an H200, see docs/gpu.md); module-level so that benchmarks can sweep them.
 # rans_warps 0: chosen per launch (wide lane vectors over several warps below rans_few segments).
-# rans_lut8: symbol lookup through the bank's uint8 table (else one packed int32 per slot); rans_prefetch:
-# words ahead of each segment's stream position the rANS kernel touches every step (0: off); pipe_chunks:
-# chunks per group whose rANS and reconstruction kernels overlap on two streams (0: one launch of each).
-TUNING = {
+# rans_lut8 and rans_prefetch are pairs: (below rans_few segments, at or above). rans_lut8: symbol lookup
+# through the bank's uint8 table (else one packed int32 per slot); rans_prefetch: words ahead of each
+# segment's stream position the rANS kernel touches every step (0: off). Both cut one chunk's rANS time
+# by 15% and slowed 64 chunks by 2 to 7% (docs/gpu.md), hence per regime.
+TUNING: dict[str, Any] = {
     "rans_segs": 1,
     "rans_warps": 0,
     "rans_few": 2048,
-    "rans_lut8": 1,
-    "rans_prefetch": 64,
+    "rans_lut8": (1, 0),
+    "rans_prefetch": (64, 0),
     "recon_bt": 64,
     "recon_warps": 4,
-    "pipe_chunks": 0,
 }
 _STATUS_TEXT = {1: "bad initial state", 2: "overrun", 3: "unread words", 4: "bad final state"}
 
@@ -525,31 +526,30 @@ def _sink(device: torch.device, n: int) -> torch.Tensor:
     return sink
 
 
-def launch_decode(batch: DecodeBatch, lo: int = 0, hi: int | None = None) -> None:
-    """Run the rANS decode kernel over segments ``lo:hi`` of the batch (all by default; asynchronous)."""
+def launch_decode(batch: DecodeBatch) -> None:
+    """Run the rANS decode kernel over every segment of the batch (asynchronous)."""
     import triton
 
     from kvwire.kernels import triton_rans as tr
 
     buf = batch.staged.buf
     block = _block(batch.max_lanes)
-    hi = len(batch.status) if hi is None else hi
-    S = hi - lo
+    S = len(batch.status)
     segs = TUNING["rans_segs"]
     # Few segments (one chunk): spread wide lane vectors over warps for latency; many: one warp each,
-    # for occupancy (measured, docs/gpu.md). Decided on the whole batch, not on a pipelined piece.
-    few = TUNING["rans_few"] > len(batch.status)
+    # for occupancy (measured, docs/gpu.md).
+    few = TUNING["rans_few"] > S
     warps = TUNING["rans_warps"] or (max(1, min(4, block // 32)) if few else 1)
-    lut8 = bool(TUNING["rans_lut8"])
+    lut8 = bool(TUNING["rans_lut8"][0 if few else 1])
+    prefetch = int(TUNING["rans_prefetch"][0 if few else 1])
     if lut8:
         table, symtab = _lut8_tables(buf.device)
     else:
         table = symtab = _packed_table(buf.device)
     tr.decode_kernel[(triton.cdiv(S, segs),)](
-        buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta[lo:hi], batch.live[lo:hi],
-        batch.n_live[lo:hi], batch.classes[lo:hi], batch.q, table, symtab, batch.status[lo:hi],
-        _sink(buf.device, S), S, batch.d, SEGS=segs, BLOCK=block, LUT8=lut8,
-        PREFETCH=int(TUNING["rans_prefetch"]), num_warps=warps, **tr.DECODE_CONSTANTS,
+        buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
+        batch.classes, batch.q, table, symtab, batch.status, _sink(buf.device, S), S, batch.d,
+        SEGS=segs, BLOCK=block, LUT8=lut8, PREFETCH=prefetch, num_warps=warps, **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 
@@ -567,8 +567,8 @@ def _chunk_views(batch: DecodeBatch, outs: dict[str, torch.Tensor]) -> list[torc
     return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
 
 
-def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor], i: int, j: int) -> None:
-    """Reconstruct chunks ``i:j``: one launch per run of consecutive chunks with the same dtype."""
+def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]) -> None:
+    """One reconstruction launch per run of consecutive chunks with the same dtype."""
     import triton
 
     from kvwire.kernels import triton_recon as trc
@@ -578,6 +578,7 @@ def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]
     D, d, SP, G = h0.head_dim, h0.group_dim, h0.segments, h0.groups
     dp = batch.dp
     BT = TUNING["recon_bt"]
+    i, j = 0, len(parsed)
     while i < j:
         k = i + 1
         while k < j and parsed[k][0].dtype == parsed[i][0].dtype:
@@ -597,55 +598,15 @@ def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]
 def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
     """Reconstruct every chunk (after ``launch_decode``); each chunk's ``[L, 2, H, T, D]`` view."""
     outs = _allocate_outputs(batch)
-    _launch_reconstruct_chunks(batch, outs, 0, len(batch.staged.parsed))
+    _launch_reconstruct_chunks(batch, outs)
     return _chunk_views(batch, outs)
-
-
-_SIDE_STREAMS: dict[str, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """A high-priority stream per device for the pipelined reconstruction (its blocks go first)."""
-    stream = _SIDE_STREAMS.get(str(device))
-    if stream is None:
-        stream = torch.cuda.Stream(device, priority=-1)
-        _SIDE_STREAMS[str(device)] = stream
-    return stream
 
 
 def launch_kernels(batch: DecodeBatch) -> list[torch.Tensor]:
-    """Both kernels over the batch (asynchronous); each chunk's ``[L, 2, H, T, D]`` view.
-
-    With ``TUNING["pipe_chunks"]`` = n > 0 the chunks go in groups of n, each with its own launches; on
-    a CUDA device the rANS kernel of group k + 1 runs (current stream) while the reconstruction of group
-    k runs on a high-priority side stream, so that the two kernels share the SMs. (Groups of a few
-    chunks would not fill the GPU with rANS programs, whose time hardly depends on their number below
-    that, hence a group size rather than a group count.) The current stream waits for the side stream
-    before this returns.
-    """
-    B = len(batch.staged.parsed)
-    SP = batch.n_seg[0]
-    outs = _allocate_outputs(batch)
-    step = int(TUNING["pipe_chunks"]) or B
-    cuts = [*range(0, B, step), B]
-    pieces = len(cuts) - 1
-    if pieces == 1 or batch.q.device.type != "cuda":
-        for i, j in itertools.pairwise(cuts):
-            launch_decode(batch, i * SP, j * SP)
-            _launch_reconstruct_chunks(batch, outs, i, j)
-        return _chunk_views(batch, outs)
-    main = torch.cuda.current_stream(batch.q.device)
-    side = _side_stream(batch.q.device)
-    side.wait_stream(main)  # the metadata upload, buffers allocated on the current stream
-    for i, j in itertools.pairwise(cuts):
-        launch_decode(batch, i * SP, j * SP)
-        done = torch.cuda.Event()
-        done.record(main)
-        side.wait_event(done)
-        with torch.cuda.stream(side):
-            _launch_reconstruct_chunks(batch, outs, i, j)
-    main.wait_stream(side)
-    return _chunk_views(batch, outs)
+    """Both kernels over the batch, one launch each (asynchronous); each chunk's ``[L, 2, H, T, D]``
+    view. (Groups of chunks overlapping the two kernels on two streams were slower, docs/gpu.md.)"""
+    launch_decode(batch)
+    return launch_reconstruct(batch)
 
 
 def check_status(batch: DecodeBatch) -> None:

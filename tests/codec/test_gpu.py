@@ -128,7 +128,6 @@ def test_batch_decode_in_one_launch(
     """Chunks of different lengths, positions, dtypes and lane counts: one rANS launch, CPU-equal results
     (also with several segments of different lengths per kernel program)."""
     monkeypatch.setitem(gpu.TUNING, "rans_segs", segs)
-    monkeypatch.setitem(gpu.TUNING, "pipe_chunks", 0)
     specs = [
         (4, 0, torch.float16, 32),
         (4, 4, torch.float16, 5),
@@ -142,9 +141,9 @@ def test_batch_decode_in_one_launch(
     launches: list[gpu.DecodeBatch] = []
     real = gpu.launch_decode
 
-    def counting(batch: gpu.DecodeBatch, lo: int = 0, hi: int | None = None) -> None:
+    def counting(batch: gpu.DecodeBatch) -> None:
         launches.append(batch)
-        real(batch, lo, hi)
+        real(batch)
 
     monkeypatch.setattr(gpu, "launch_decode", counting)
     got = gpu.decode_chunks_gpu(chunks, profile, device=DEV, dtype=torch.float32)
@@ -154,31 +153,23 @@ def test_batch_decode_in_one_launch(
         assert torch.equal(ref, y.cpu())
 
 
-@pytest.mark.parametrize(
-    ("lut8", "prefetch", "group", "launches"),
-    [(0, 0, 0, 1), (1, 64, 0, 1), (0, 64, 2, 3), (1, 0, 1, 5), (1, 8, 0, 1)],
-)
-def test_symbol_lookups_prefetch_and_pipelined_groups(
-    profile: CalibrationProfile,
-    monkeypatch: pytest.MonkeyPatch,
-    lut8: int,
-    prefetch: int,
-    group: int,
-    launches: int,
+@pytest.mark.parametrize(("lut8", "prefetch"), [(0, 0), (1, 0), (0, 64), (1, 64), (1, 8)])
+@pytest.mark.parametrize("few", [True, False])
+def test_symbol_lookups_and_prefetch(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch, lut8: int, prefetch: int, few: bool
 ) -> None:
-    """Both symbol lookups (one packed int32 per slot; the uint8 table then freq | cum per symbol), word
-    prefetch on or off, and the kernels split into chunk groups (overlapping on two streams on a GPU)
-    give the CPU's bits for a batch of mixed dtypes, lanes, lengths and raw rows; one rANS launch per
-    group."""
-    monkeypatch.setitem(gpu.TUNING, "rans_lut8", lut8)
-    monkeypatch.setitem(gpu.TUNING, "rans_prefetch", prefetch)
-    monkeypatch.setitem(gpu.TUNING, "pipe_chunks", group)
+    """Both symbol lookups (one packed int32 per slot; the uint8 table then freq | cum per symbol), with
+    and without word prefetch, in either segment-count regime, give the CPU's bits for a batch of mixed
+    dtypes, lanes, lengths and raw rows."""
+    setting = (lut8, 1 - lut8) if few else (1 - lut8, lut8)  # the other regime's entry must not matter
+    monkeypatch.setitem(gpu.TUNING, "rans_lut8", setting)
+    monkeypatch.setitem(gpu.TUNING, "rans_prefetch", (prefetch, 0) if few else (0, prefetch))
+    monkeypatch.setitem(gpu.TUNING, "rans_few", 10**9 if few else 0)
     specs = [  # tokens, start, dtype, lanes, outlier
         (5, 0, torch.float16, 32, True),
         (3, 5, torch.float16, 7, False),
         (4, 8, torch.bfloat16, 32, True),
         (2, 12, torch.float32, 1, False),
-        (4, 14, torch.float16, 16, False),
     ]
     chunks = [
         codec.encode_chunk(
@@ -186,36 +177,10 @@ def test_symbol_lookups_prefetch_and_pipelined_groups(
         ).data
         for i, (t, s, dt, ln, o) in enumerate(specs)
     ]
-    ranges: list[tuple[int, int | None]] = []
-    real = gpu.launch_decode
-
-    def counting(batch: gpu.DecodeBatch, lo: int = 0, hi: int | None = None) -> None:
-        ranges.append((lo, hi))
-        real(batch, lo, hi)
-
-    monkeypatch.setattr(gpu, "launch_decode", counting)
     got = gpu.decode_chunks_gpu(chunks, profile, device=DEV)
-    assert len(ranges) == launches
     for data, y in zip(chunks, got, strict=True):
         ref = codec.decode_chunk(data, profile, backend="cpu")
         assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
-
-
-def test_corrupt_segment_in_a_later_group_is_named(
-    profile: CalibrationProfile, chunk_bytes: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With the kernels in chunk groups, a segment that overruns its words in chunk 2 is reported as in
-    chunk 2 (each group's rANS launch writes its own slice of the statuses)."""
-    monkeypatch.setitem(gpu.TUNING, "pipe_chunks", 1)
-    h, sec = fmt.parse_chunk(chunk_bytes)
-    sizes = fmt.section_sizes(h)
-    off = fmt.HEADER_SIZE + sum(size for name, size in sizes[: [n for n, _ in sizes].index("offsets")])
-    seg = int(np.argmax(np.diff(sec.offsets.astype(np.int64))))
-    data = bytearray(chunk_bytes)
-    struct.pack_into("<I", data, off + 4 * (seg + 1), int(sec.offsets[seg + 1]) - 1)
-    forged = _refresh_crc(data)
-    with pytest.raises(CorruptChunkError, match=f"segment {seg} of chunk 2 "):
-        gpu.decode_chunks_gpu([chunk_bytes, chunk_bytes, forged], profile, device=DEV)
 
 
 @pytest.mark.parametrize(
