@@ -553,22 +553,9 @@ def launch_decode(batch: DecodeBatch) -> None:
     )  # fmt: skip
 
 
-def _allocate_outputs(batch: DecodeBatch) -> dict[str, torch.Tensor]:
-    """One flat output buffer per dtype in the batch."""
-    sizes: dict[str, int] = {}
-    for (h, _), o in zip(batch.staged.parsed, batch.out_base, strict=True):
-        sizes[h.dtype] = max(sizes.get(h.dtype, 0), o + h.elements)
-    dev = batch.q.device
-    return {name: torch.empty(n, dtype=codec._TORCH_DTYPES[name], device=dev) for name, n in sizes.items()}
-
-
-def _chunk_views(batch: DecodeBatch, outs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    views = zip(batch.staged.parsed, batch.out_base, strict=True)
-    return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
-
-
-def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]) -> None:
-    """One reconstruction launch per run of consecutive chunks with the same dtype."""
+def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
+    """Reconstruct every chunk (after ``launch_decode``), one launch per run of consecutive chunks with
+    the same dtype; each chunk's ``[L, 2, H, T, D]`` view into one output buffer per dtype."""
     import triton
 
     from kvwire.kernels import triton_recon as trc
@@ -576,12 +563,17 @@ def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]
     parsed = batch.staged.parsed
     h0 = parsed[0][0]
     D, d, SP, G = h0.head_dim, h0.group_dim, h0.segments, h0.groups
+    sizes: dict[str, int] = {}
+    for (h, _), o in zip(parsed, batch.out_base, strict=True):
+        sizes[h.dtype] = max(sizes.get(h.dtype, 0), o + h.elements)
+    dev = batch.q.device
+    outs = {name: torch.empty(n, dtype=codec._TORCH_DTYPES[name], device=dev) for name, n in sizes.items()}
     dp = batch.dp
     BT = TUNING["recon_bt"]
-    i, j = 0, len(parsed)
-    while i < j:
+    i = 0
+    while i < len(parsed):
         k = i + 1
-        while k < j and parsed[k][0].dtype == parsed[i][0].dtype:
+        while k < len(parsed) and parsed[k][0].dtype == parsed[i][0].dtype:
             k += 1
         a, b = i * SP, k * SP  # every chunk has the profile's SP segments
         grid = (triton.cdiv(batch.max_tokens, BT), b - a, h0.heads_per_group)
@@ -593,13 +585,8 @@ def _launch_reconstruct_chunks(batch: DecodeBatch, outs: dict[str, torch.Tensor]
             enable_fp_fusion=False,
         )  # fmt: skip
         i = k
-
-
-def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
-    """Reconstruct every chunk (after ``launch_decode``); each chunk's ``[L, 2, H, T, D]`` view."""
-    outs = _allocate_outputs(batch)
-    _launch_reconstruct_chunks(batch, outs)
-    return _chunk_views(batch, outs)
+    views = zip(parsed, batch.out_base, strict=True)
+    return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
 
 
 def launch_kernels(batch: DecodeBatch) -> list[torch.Tensor]:
