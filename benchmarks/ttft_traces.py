@@ -64,6 +64,8 @@ POLICIES = ("robust", "cachegen")
 
 @dataclass
 class Run:
+    """One adaptive load: which phase of which trace, the policy, and what it cost and chose."""
+
     trace: str
     phase: int
     offset_s: float
@@ -82,6 +84,7 @@ class Run:
 
 
 def scaled(trace: BandwidthTrace, scale: float) -> BandwidthTrace:
+    """``trace`` with every rate multiplied by ``scale`` (same timing)."""
     return BandwidthTrace(
         [(d, g * scale) for d, g in trace.segments], loop=trace.loop, name=f"{trace.name}x{scale:g}"
     )
