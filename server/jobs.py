@@ -16,17 +16,15 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvwire.errors import BackendUnavailableError, KvwireError, NotFoundError, RateLimitError
+from kvwire.manifest import JOB_STATES, Job
 from kvwire.server.limits import SharedJobSlots
 
 log = logging.getLogger(__name__)
-
-JobState = Literal["queued", "running", "done", "failed"]
-JOB_STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
 
 
 @dataclass(frozen=True)
@@ -44,24 +42,6 @@ class IngestRequest:
     @classmethod
     def from_json(cls, data: str | bytes) -> IngestRequest:
         return cls(**json.loads(data))
-
-
-@dataclass
-class Job:
-    """The public state of one ingest job (JSON-serialisable through :meth:`to_dict`)."""
-
-    id: str
-    tenant: str
-    context_id: str
-    state: JobState = "queued"
-    chunks_done: int = 0
-    chunks_total: int = 0
-    error: dict[str, str] | None = None  # {"type": ..., "message": ...} when failed
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 #: Runs one request; calls ``progress(chunks_done, chunks_total)`` as it goes.

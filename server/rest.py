@@ -31,17 +31,10 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
+from kvwire.manifest import ContextManifest, Job, LevelEntry
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
-from kvwire.server.jobs import Job
-from kvwire.server.service import (
-    CONTEXT_ID_PATTERN,
-    DEFAULT_LIST_PAGE,
-    MAX_LIST_PAGE,
-    ContextManifest,
-    KvwireService,
-    LevelEntry,
-)
+from kvwire.server.service import CONTEXT_ID_PATTERN, DEFAULT_LIST_PAGE, MAX_LIST_PAGE, KvwireService
 
 log = logging.getLogger(__name__)
 
