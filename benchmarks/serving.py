@@ -51,24 +51,19 @@ S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "r
 
 @dataclass(frozen=True)
 class Cell:
-    """One measured row: ``requests`` requests of ``nbytes`` each in ``seconds``."""
+    """One measured row: ``rps`` responses of ``nbytes`` each per second, over ``concurrency`` connections."""
 
     backend: str
     transport: str
     size: str
     concurrency: int
-    requests: int
+    rps: float
     nbytes: int
-    seconds: float
-    raw_rps: float | None = None  # raw redis-py GETs of the same size and concurrency, run just before
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
+    raw_rps: float | None = None  # raw redis-py GETs of the same size and concurrency
 
     @property
     def mb_s(self) -> float:
-        return self.requests * self.nbytes / self.seconds / 1e6
+        return self.rps * self.nbytes / 1e6
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -147,13 +142,32 @@ def kvwire_workers(workdir: Path, redis_url: str, workers: int) -> Iterator[tupl
         import psutil
 
         deadline = time.monotonic() + 300
-        while sum(1 for c in psutil.Process(server.pid).children() if _listens(c, server.port)) < workers:
+        children: list[Any] = []
+        while len(children) < workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kvwire serve --workers {workers} did not start every process")
             time.sleep(0.1)
+            children = [c for c in psutil.Process(server.pid).children() if _listens(c, server.port)]
+        _wait_idle(children, deadline)  # each process compiles the controller's planner at start
         yield server.base_url, server.grpc_target
     finally:
         server.stop()
+
+
+def _wait_idle(processes: list[Any], deadline: float, interval_s: float = 0.5) -> None:
+    """Wait until ``processes`` (psutil) use less than 5% of a core each over ``interval_s``."""
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = cpu()
+        if now - before < 0.05 * interval_s * len(processes):
+            return
+        before = now
+    raise RuntimeError("the serving processes did not settle")
 
 
 def _listens(process: Any, port: int) -> bool:
@@ -207,11 +221,13 @@ def rest_server(store: Any, http: str = "deployed") -> Iterator[str]:
 @contextlib.contextmanager
 def grpc_server(store: Any) -> Iterator[str]:
     """The gRPC API over ``store`` (``kvwire.server.grpc_server``) on a free port; yields its address."""
+    from kvwire.controller import warm_up
     from kvwire.server.config import ServiceSettings
     from kvwire.server.grpc_server import serve_grpc
     from kvwire.server.jobs import InProcessJobQueue
     from kvwire.server.service import KvwireService
 
+    warm_up()  # serve_grpc compiles the planner in a thread: ~10 s of this process's CPU when fresh
     settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     server = serve_grpc(service, settings, 0)
@@ -287,10 +303,12 @@ def ready(_: int = 0) -> int:
 
 def drive(
     kind: str, target: str, keys: list[str], nbytes: int, start_at: float, warmup_s: float, seconds: float
-) -> int:
+) -> float:
     """Run in a client process: one connection GETs ``keys`` round-robin (from a random offset) from
-    wall-clock ``start_at`` + ``warmup_s`` for ``seconds``; return the responses of ``nbytes``
-    bytes completed inside that window."""
+    wall-clock ``start_at``; return its rate: the responses of ``nbytes`` bytes begun in the window
+    [``start_at + warmup_s``, ``+ seconds``), divided by the time from the window's start to the end
+    of the last of them. (Counting only responses that also end inside the window undercounts
+    responses that are long next to the window: an 8 MiB one can take a large part of it.)"""
     import redis
 
     if kind == "REST":
@@ -306,17 +324,17 @@ def drive(
         fetch(keys[i % len(keys)])  # connect before the clock starts
         time.sleep(max(0.0, start_at - time.time()))
         measure_from, measure_to = start_at + warmup_s, start_at + warmup_s + seconds
-        count = 0
+        count, last_end = 0, measure_from
         while True:
             began = time.time()
             if began >= measure_to:
-                return count
+                return count / max(last_end - measure_from, 1e-9)
             data = fetch(keys[i % len(keys)])
             i += 1
             if len(data) != nbytes:
                 raise RuntimeError(f"got {len(data)} bytes, expected {nbytes}")
-            if began >= measure_from and time.time() <= measure_to:
-                count += 1
+            if began >= measure_from:
+                count, last_end = count + 1, time.time()
 
 
 class RestClient:
@@ -487,15 +505,14 @@ def main(argv: list[str] | None = None) -> int:
                 raw_rps = measure("redis", "redis-py", redis_url, raw_keys[size], size, n).rps
             elif transport != "redis-py":
                 raw_rps = raw_first[size, n]
-            start_at = time.time() + 0.3  # every client connected by then
+            start_at = time.time() + 0.15  # every client connected by then
             futures = [
                 clients.submit(
                     drive, transport, target, keys, SIZES[size], start_at, args.warmup, args.seconds
                 )
                 for _ in range(n)
             ]
-            count = sum(f.result() for f in futures)
-            cell = Cell(backend, transport, size, n, count, SIZES[size], args.seconds, raw_rps)
+            cell = Cell(backend, transport, size, n, sum(f.result() for f in futures), SIZES[size], raw_rps)
             print(
                 f"  {backend:14} {transport:11} {size:6} c={n}: {cell.rps:8,.0f} req/s {cell.mb_s:8,.0f} MB/s"
                 + ("" if raw_rps is None else f"  (raw {raw_rps:,.0f} req/s)"),

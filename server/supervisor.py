@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 
 from kvwire.errors import BackendUnavailableError, InvalidInputError
@@ -130,9 +131,12 @@ def _supervise(settings: ServiceSettings, count: int) -> None:
         while not stopping.is_set():
             ready = multiprocessing.connection.wait(sentinels, timeout=0.5)
             if ready:
-                failed = [
-                    f"{c.name} (pid {c.pid}) exited with {c.exitcode}" for c in children if not c.is_alive()
-                ]
+                # A ready sentinel is a child that exited; it may not be reapable yet (is_alive()
+                # can still say True for a moment), so join it rather than poll it.
+                dead = [c for c in children if c.sentinel in ready]
+                for child in dead:
+                    child.join(5)
+                failed = [f"{c.name} (pid {c.pid}) exited with {c.exitcode}" for c in dead]
                 break
     finally:
         _stop_all(children, settings.shutdown_grace_s + KILL_MARGIN_S)
@@ -142,7 +146,7 @@ def _supervise(settings: ServiceSettings, count: int) -> None:
         raise BackendUnavailableError("serving process stopped: " + "; ".join(failed))
 
 
-def _stop_all(children: list[multiprocessing.process.BaseProcess], timeout_s: float) -> None:
+def _stop_all(children: Sequence[multiprocessing.process.BaseProcess], timeout_s: float) -> None:
     """SIGTERM every live child, wait up to ``timeout_s`` for all, then SIGKILL the rest."""
     for child in children:
         if child.is_alive():
