@@ -1,14 +1,19 @@
 """Serving benchmark (issue 4): stored chunks over loopback, per backend, next to raw redis-py GETs.
 
-Usage: ``python benchmarks/serving.py [--seconds 1.5] [--chunks 8] [--concurrency 1,8] --out FILE``.
+Usage: ``python benchmarks/serving.py [--seconds 1.0] [--chunks 8] [--concurrency 1,8] [--workers 4]
+--out FILE``.
 
-Starts its own redis-server on a free loopback port, moto's S3 server (``ThreadedMotoServer``) and a
-local store in a temp dir; seeds, per payload size, a context of ``--chunks`` random chunks (a real
+Starts its own redis-server on a free loopback port, moto's S3 server (a subprocess) and a local store
+in a temp dir; seeds, per payload size, a context of ``--chunks`` random chunks (a real
 ``ContextManifest`` under ``manifest_key``, no model); serves each backend (local, redis, s3, tiered
-= redis over s3) with the REST app under uvicorn in this process (API keys on, as deployed) and
-drives it from a client *process* (so client and server do not share a GIL) with 1 and 8 threads,
-one keep-alive httpx connection each. Raw redis-py GETs of the same payloads run from the same
-client process at the same concurrency. Prints a Markdown table and writes it to ``--out``.
+= redis over s3) with the REST app under uvicorn in this process, with the protocol and timeouts
+``kvwire serve`` uses (API keys on), then with the gRPC server, and drives each from client
+*processes*: N connections are N processes with one keep-alive connection each (``http.client``,
+the lightest Python HTTP client, or a grpcio channel), so that no client interpreter lock is the
+bottleneck. Raw redis-py GETs of the same payloads run from the same client processes at the same
+concurrency, just before each service cell. With ``--workers N`` a real ``kvwire serve --workers N``
+(N processes sharing the ports, Redis store) is measured too. Prints a Markdown table and writes it
+(and a JSON list of the cells) to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import multiprocessing
 import os
 import platform
@@ -44,24 +51,19 @@ S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "r
 
 @dataclass(frozen=True)
 class Cell:
-    """One measured row: ``requests`` requests of ``nbytes`` each in ``seconds``."""
+    """One measured row: ``rps`` responses of ``nbytes`` each per second, over ``concurrency`` connections."""
 
     backend: str
     transport: str
     size: str
     concurrency: int
-    requests: int
+    rps: float
     nbytes: int
-    seconds: float
-    raw_rps: float | None = None  # raw redis-py GETs of the same size and concurrency, run just before
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
+    raw_rps: float | None = None  # raw redis-py GETs of the same size and concurrency
 
     @property
     def mb_s(self) -> float:
-        return self.requests * self.nbytes / self.seconds / 1e6
+        return self.rps * self.nbytes / 1e6
 
 
 # ------------------------------------------------------------------------------------ servers
@@ -105,42 +107,101 @@ def redis_server(workdir: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
-    import logging
+def s3_server(workdir: Path) -> Iterator[str]:
+    """moto's S3 server as a subprocess (not a thread of this process, whose interpreter lock the
+    in-process REST and gRPC servers use)."""
+    from benchmarks.processes import MotoProcess
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per S3 request
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = MotoProcess(workdir / "moto")
+    server.start(timeout_s=60)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.endpoint
     finally:
         server.stop()
 
 
 @contextlib.contextmanager
-def rest_server(store: Any, http: str = "auto") -> Iterator[str]:
-    """The REST app over ``store`` under uvicorn in a background thread; yields its base URL."""
+def kvwire_workers(workdir: Path, redis_url: str, workers: int) -> Iterator[tuple[str, str]]:
+    """A real ``kvwire serve --workers N`` (Redis store and job queue, no model) on free ports;
+    yields its REST base URL and gRPC address."""
+    from benchmarks.processes import KvwireProcess
+
+    env = {
+        "KVWIRE_STORE": "redis",
+        "KVWIRE_REDIS_URL": redis_url,
+        "KVWIRE_REDIS_NAMESPACE": "bench-workers",
+        "KVWIRE_JOBS_REDIS_URL": redis_url,
+        "KVWIRE_JOBS_NAMESPACE": "bench-jobs",
+        "KVWIRE_API_KEYS": f"{TENANT}:{API_KEY}",
+        "KVWIRE_WORKERS": str(workers),
+    }
+    server = KvwireProcess(workdir / f"kvwire-{workers}", env)
+    server.start(timeout_s=300)
+    try:
+        # The supervisor answers once one child does: wait until every child listens.
+        import psutil
+
+        deadline = time.monotonic() + 300
+        children: list[Any] = []
+        while len(children) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvwire serve --workers {workers} did not start every process")
+            time.sleep(0.1)
+            children = [c for c in psutil.Process(server.pid).children() if _listens(c, server.port)]
+        _wait_idle(children, deadline)  # each process compiles the controller's planner at start
+        yield server.base_url, server.grpc_target
+    finally:
+        server.stop()
+
+
+def _wait_idle(processes: list[Any], deadline: float, interval_s: float = 0.5) -> None:
+    """Wait until ``processes`` (psutil) use less than 5% of a core each over ``interval_s``."""
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = cpu()
+        if now - before < 0.05 * interval_s * len(processes):
+            return
+        before = now
+    raise RuntimeError("the serving processes did not settle")
+
+
+def _listens(process: Any, port: int) -> bool:
+    try:
+        return any(c.status == "LISTEN" and c.laddr.port == port for c in process.net_connections("tcp"))
+    except Exception:  # gone, or not ours to inspect
+        return False
+
+
+@contextlib.contextmanager
+def rest_server(store: Any, http: str = "deployed") -> Iterator[str]:
+    """The REST app over ``store`` under uvicorn in a background thread; yields its base URL.
+
+    ``http="deployed"``: the protocol class and timeouts ``kvwire serve`` runs
+    (``kvwire.server.timeouts.uvicorn_options``); else uvicorn's own ``h11`` or ``httptools``."""
     import uvicorn
 
     from kvwire.server.config import ServiceSettings
     from kvwire.server.jobs import InProcessJobQueue
     from kvwire.server.rest import create_app
     from kvwire.server.service import KvwireService
+    from kvwire.server.timeouts import uvicorn_options
 
     settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     port = free_port()
+    options: dict[str, Any] = uvicorn_options(settings) if http == "deployed" else {"http": http}
     config = uvicorn.Config(
         create_app(service, settings),
         host="127.0.0.1",
         port=port,
-        http=http,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,
+        **options,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
@@ -160,11 +221,13 @@ def rest_server(store: Any, http: str = "auto") -> Iterator[str]:
 @contextlib.contextmanager
 def grpc_server(store: Any) -> Iterator[str]:
     """The gRPC API over ``store`` (``kvwire.server.grpc_server``) on a free port; yields its address."""
+    from kvwire.controller import warm_up
     from kvwire.server.config import ServiceSettings
     from kvwire.server.grpc_server import serve_grpc
     from kvwire.server.jobs import InProcessJobQueue
     from kvwire.server.service import KvwireService
 
+    warm_up()  # serve_grpc compiles the planner in a thread: ~10 s of this process's CPU when fresh
     settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     server = serve_grpc(service, settings, 0)
@@ -222,60 +285,76 @@ def seed(store: Any, payloads: dict[str, list[bytes]], manifest_chunks: int) -> 
 # ------------------------------------------------------------------------------------- client
 
 
-def drive(kind: str, target: str, keys: list[str], nbytes: int, threads: int, seconds: float) -> int:
-    """Run in the client process: ``threads`` threads GET ``keys`` round-robin for ``seconds``
-    (after a short warm-up); return the number of complete responses of ``nbytes`` bytes."""
-    import httpx
+def ready(_: int = 0) -> int:
+    """Run in each client process once, first: import the clients (and hold the process a moment,
+    so that the pool starts one process per connection)."""
+    import grpc  # noqa: F401
+    import redis  # noqa: F401
+
+    time.sleep(1.0)
+    return os.getpid()
+
+
+def drive(
+    kind: str, target: str, keys: list[str], nbytes: int, start_at: float, warmup_s: float, seconds: float
+) -> float:
+    """Run in a client process: one connection GETs ``keys`` round-robin (from a random offset) from
+    wall-clock ``start_at``; return its rate: the responses of ``nbytes`` bytes begun in the window
+    [``start_at + warmup_s``, ``+ seconds``), divided by the time from the window's start to the end
+    of the last of them. (Counting only responses that also end inside the window undercounts
+    responses that are long next to the window: an 8 MiB one can take a large part of it.)"""
     import redis
 
-    start = threading.Barrier(threads + 1)
-    counts = [0] * threads
-    errors: list[BaseException] = []
-    warmup_end = [0.0]
-    deadline = [0.0]
+    if kind == "REST":
+        client: Any = RestClient(target)
+        fetch = client.get
+    elif kind in ("gRPC", "gRPC-stream"):
+        client, fetch = grpc_fetch(kind, target)
+    else:
+        client = redis.Redis.from_url(target)
+        fetch = client.get
+    with client:
+        i = random.randrange(len(keys))
+        fetch(keys[i % len(keys)])  # connect before the clock starts
+        time.sleep(max(0.0, start_at - time.time()))
+        measure_from, measure_to = start_at + warmup_s, start_at + warmup_s + seconds
+        count, last_end = 0, measure_from
+        while True:
+            began = time.time()
+            if began >= measure_to:
+                return count / max(last_end - measure_from, 1e-9)
+            data = fetch(keys[i % len(keys)])
+            i += 1
+            if len(data) != nbytes:
+                raise RuntimeError(f"got {len(data)} bytes, expected {nbytes}")
+            if began >= measure_from:
+                count, last_end = count + 1, time.time()
 
-    def run(n: int) -> None:
-        try:
-            if kind == "REST":
-                client: Any = httpx.Client(
-                    base_url=target, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
-                )
-                fetch = lambda key: client.get(key).content  # noqa: E731
-            elif kind in ("gRPC", "gRPC-stream"):
-                client, fetch = grpc_fetch(kind, target)
-            else:
-                client = redis.Redis.from_url(target)
-                fetch = client.get
-            with client:
-                i = n
-                fetch(keys[i % len(keys)])
-                start.wait()
-                while time.perf_counter() < warmup_end[0]:
-                    fetch(keys[i % len(keys)])
-                    i += 1
-                while time.perf_counter() < deadline[0]:
-                    data = fetch(keys[i % len(keys)])
-                    if len(data) != nbytes:
-                        raise RuntimeError(f"got {len(data)} bytes, expected {nbytes}")
-                    counts[n] += 1
-                    i += 1
-        except BaseException as exc:
-            errors.append(exc)
-            with contextlib.suppress(threading.BrokenBarrierError):
-                start.abort()
 
-    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
-    for w in workers:
-        w.start()
-    now = time.perf_counter()
-    warmup_end[0], deadline[0] = now + min(0.3, seconds / 4), now + min(0.3, seconds / 4) + seconds
-    with contextlib.suppress(threading.BrokenBarrierError):
-        start.wait()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-    return sum(counts)
+class RestClient:
+    """One keep-alive HTTP/1.1 connection (``http.client``) that GETs a path with the API key."""
+
+    def __init__(self, base_url: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def get(self, path: str) -> bytes:
+        self.conn.request("GET", path, headers=self.headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET {path}: {response.status} {data[:200]!r}")
+        return data
+
+    def __enter__(self) -> RestClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
 
 
 def grpc_fetch(kind: str, target: str) -> tuple[Any, Any]:
@@ -324,21 +403,16 @@ def load_average() -> str:
 
 
 def uvicorn_http(choice: str) -> str:
-    """The HTTP implementation uvicorn runs for ``--http choice`` (auto: httptools if installed)."""
-    import importlib.util
+    """The HTTP implementation uvicorn runs for ``--http choice``."""
+    if choice == "deployed":
+        from kvwire.server.config import ServiceSettings
+        from kvwire.server.timeouts import uvicorn_options
 
-    if choice == "auto":
-        choice = "httptools" if importlib.util.find_spec("httptools") else "h11"
+        return f"{uvicorn_options(ServiceSettings())['http'].__name__} (as `kvwire serve`)"
     return choice
 
 
-def grpc_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("kvwire.server.grpc_server") is not None
-
-
-def table(cells: list[Cell], todo: list[str]) -> str:
+def table(cells: list[Cell]) -> str:
     lines = [
         "| backend | transport | size | concurrency | req/s | MB/s | raw Redis req/s | overhead vs raw "
         "Redis |",
@@ -347,27 +421,46 @@ def table(cells: list[Cell], todo: list[str]) -> str:
     for c in cells:
         raw, overhead = "—", "—"
         if c.raw_rps is not None:
-            raw, overhead = f"{c.raw_rps:,.0f}", f"{c.raw_rps / c.rps - 1:+.0%}"
+            raw, overhead = f"{c.raw_rps:,.0f}", f"{c.raw_rps / c.rps - 1:+.0%}" if c.rps else "—"
         row = f"| {c.backend} | {c.transport} | {c.size} | {c.concurrency} | {c.rps:,.0f} | {c.mb_s:,.0f} |"
         lines.append(f"{row} {raw} | {overhead} |")
-    lines += [f"| {t} | gRPC | — | — | TODO | TODO | TODO | TODO |" for t in todo]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=0.25, help="unmeasured seconds before each cell")
     parser.add_argument("--chunks", type=int, default=8, help="distinct stored chunks per size")
     parser.add_argument(
         "--context-tokens", type=int, default=32768, help=f"manifest length ({CHUNK_TOKENS}-token chunks)"
     )
-    parser.add_argument("--concurrency", default="1,8", help="client threads (connections), comma-separated")
+    parser.add_argument(
+        "--concurrency", default="1,8", help="connections (one client process each), comma-separated"
+    )
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"payload sizes among {list(SIZES)}")
     parser.add_argument("--backends", default="local,redis,s3,tiered")
+    parser.add_argument("--transports", default="REST,gRPC,gRPC-stream")
     parser.add_argument(
-        "--http", default="auto", choices=["auto", "h11", "httptools"], help="uvicorn's HTTP implementation"
+        "--http",
+        default="deployed",
+        choices=["deployed", "h11", "httptools"],
+        help="the in-process REST server's HTTP protocol (deployed: as `kvwire serve` runs it)",
+    )
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="also measure `kvwire serve --workers N` (Redis backend) for each N, comma-separated",
+    )
+    parser.add_argument(
+        "--raw",
+        choices=["each", "once"],
+        default="each",
+        help="raw redis-py GETs before each service cell (each), or once per size and concurrency at the "
+        "start and again at the end (once: half the time, for an otherwise idle machine)",
     )
     parser.add_argument("--out", type=Path, help="write the Markdown table (and run notes) here")
+    parser.add_argument("--json", type=Path, help="write the cells as JSON here")
     args = parser.parse_args(argv)
     manifest_chunks = max(1, args.context_tokens // CHUNK_TOKENS)
     if shutil.which("redis-server") is None:
@@ -375,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
     sizes = [s for s in args.sizes.split(",") if s]
     backends = [b for b in args.backends.split(",") if b]
+    transports = [t for t in args.transports.split(",") if t]
+    workers = [int(w) for w in args.workers.split(",") if w]
     rng = random.Random(1)
     payloads = {s: [rng.randbytes(SIZES[s]) for _ in range(args.chunks)] for s in sizes}
 
@@ -386,22 +481,36 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     cells: list[Cell] = []
     spawn = multiprocessing.get_context("spawn")
+    n_clients = max(concurrency)
     with (
         tempfile.TemporaryDirectory(prefix="kvwire-servebench-") as tmp,
         redis_server(Path(tmp)) as redis_port,
-        s3_server() as s3_url,
-        concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as client,
+        s3_server(Path(tmp)) if {"s3", "tiered"} & set(backends) else contextlib.nullcontext("") as s3_url,
+        concurrent.futures.ProcessPoolExecutor(n_clients, mp_context=spawn) as clients,
     ):
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        pids = list(clients.map(ready, range(n_clients)))  # one process per connection, started now
+        if len(set(pids)) < n_clients:
+            raise RuntimeError(f"{len(set(pids))} client processes started, {n_clients} needed")
 
         def measure(backend: str, transport: str, target: str, keys: list[str], size: str, n: int) -> Cell:
             raw_rps = None
-            if transport != "redis-py":  # pair every cell with a raw run: the machine's load drifts
+            if transport != "redis-py" and args.raw == "each":  # a loaded machine's speed drifts
                 raw_rps = measure("redis", "redis-py", redis_url, raw_keys[size], size, n).rps
-            count = client.submit(drive, transport, target, keys, SIZES[size], n, args.seconds).result()
-            cell = Cell(backend, transport, size, n, count, SIZES[size], args.seconds, raw_rps)
+            elif transport != "redis-py":
+                raw_rps = raw_first[size, n]
+            start_at = time.time() + 0.15  # every client connected by then
+            futures = [
+                clients.submit(
+                    drive, transport, target, keys, SIZES[size], start_at, args.warmup, args.seconds
+                )
+                for _ in range(n)
+            ]
+            cell = Cell(backend, transport, size, n, sum(f.result() for f in futures), SIZES[size], raw_rps)
             print(
-                f"  {backend:7} {transport:9} {size:6} c={n}: {cell.rps:8,.0f} req/s {cell.mb_s:8,.0f} MB/s"
+                f"  {backend:14} {transport:11} {size:6} c={n}: {cell.rps:8,.0f} req/s {cell.mb_s:8,.0f} MB/s"
+                + ("" if raw_rps is None else f"  (raw {raw_rps:,.0f} req/s)"),
+                flush=True,
             )
             return cell
 
@@ -413,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                 for i, data in enumerate(chunks):
                     r.set(f"raw:{size}:{i}", data)
         raw_keys = {size: [f"raw:{size}:{i}" for i in range(args.chunks)] for size in sizes}
+        raw_first: dict[tuple[str, int], float] = {}
         for size in sizes:
             for n in concurrency:
                 cells.append(measure("redis", "redis-py", redis_url, raw_keys[size], size, n))
+                raw_first[size, n] = cells[-1].rps
 
         def open_backend(name: str) -> Any:
             def s3(prefix: str) -> S3Store:
@@ -432,50 +543,84 @@ def main(argv: list[str] | None = None) -> int:
                 return TieredStore(RedisStore(redis_url, namespace="bench-tiered"), s3("tiered"))
             raise SystemExit(f"unknown backend {name!r}")
 
+        def measure_servers(name: str, rest_url: str | None, grpc_address: str | None) -> None:
+            for size in sizes:
+                paths = [f"/v1/contexts/bench-{size}/chunks/{i}" for i in range(manifest_chunks)]
+                keys = [f"bench-{size}/{i}" for i in range(manifest_chunks)]
+                for transport in transports:
+                    target = rest_url if transport == "REST" else grpc_address
+                    if target is None:
+                        continue
+                    for n in concurrency:
+                        cells.append(
+                            measure(name, transport, target, paths if transport == "REST" else keys, size, n)
+                        )
+
         for name in backends:
             with open_backend(name) as store:
                 seed(store, payloads, manifest_chunks)
-                with rest_server(store, args.http) as url:
-                    for size in sizes:
-                        paths = [f"{url}/v1/contexts/bench-{size}/chunks/{i}" for i in range(manifest_chunks)]
-                        for n in concurrency:
-                            cells.append(measure(name, "REST", url, paths, size, n))
-                if grpc_available():
+                if "REST" in transports:
+                    with rest_server(store, args.http) as url:
+                        measure_servers(name, url, None)
+                if {"gRPC", "gRPC-stream"} & set(transports):
                     with grpc_server(store) as address:
-                        for size in sizes:
-                            keys = [f"bench-{size}/{i}" for i in range(manifest_chunks)]
-                            for transport in ("gRPC", "gRPC-stream"):
-                                for n in concurrency:
-                                    cells.append(measure(name, transport, address, keys, size, n))
-        todo = [] if grpc_available() else [f"{b} (GetChunk, StreamContext)" for b in backends]
+                        measure_servers(name, None, address)
+        for n_workers in workers:
+            with RedisStore(redis_url, namespace="bench-workers") as store:
+                seed(store, payloads, manifest_chunks)
+            with kvwire_workers(Path(tmp), redis_url, n_workers) as (url, address):
+                measure_servers(f"redis, {n_workers} procs", url, address)
+        if args.raw == "once":  # the baseline again: how far did it drift over the run?
+            for size in sizes:
+                for n in concurrency:
+                    cells.append(measure("redis (end)", "redis-py", redis_url, raw_keys[size], size, n))
     load_after = load_average()
+    command = " ".join(["python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])])
     notes = [
-        f"- Command: `python benchmarks/serving.py --seconds {args.seconds} --chunks {args.chunks} "
-        f"--context-tokens {args.context_tokens} --concurrency {args.concurrency} --http {args.http}`",
+        f"- Command: `{command}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; load average (1/5/15 min) "
         f"before {load_before}, after {load_after}; {time.perf_counter() - began:.0f} s in all.",
         f"- Contexts: {manifest_chunks} chunks of {CHUNK_TOKENS} tokens in the manifest, cycling through "
-        f"{args.chunks} distinct random payloads per size. Client: one separate process, N threads with "
-        f"one keep-alive connection each; server: uvicorn {uvicorn_http(args.http)} (in-process "
-        "thread, API key auth, no access log); redis-server and moto S3 (in-process) on loopback.",
+        f"{args.chunks} distinct random payloads per size. Clients: N connections = N client processes, "
+        "one keep-alive connection each (`http.client` for REST, a grpcio channel, or redis-py with "
+        f"hiredis: {_hiredis()}); each cell {args.warmup} s warm-up, {args.seconds} s measured. "
+        f"Server: uvicorn {uvicorn_http(args.http)}, in a thread of the benchmark process, API key "
+        "auth, no access log; the gRPC server likewise; redis-server and moto's S3 server are "
+        "subprocesses on loopback.",
         "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, the raw GETs (same size and "
-        "concurrency) run just before each service cell, since the machine's load drifts.",
-        "- gRPC: `GetChunk` per chunk (sync grpcio server, in-process thread pool, API key auth); "
-        "gRPC-stream: chunks received per second from `StreamContext` at a fixed level, each client "
-        "thread one stream at a time, reopened when it ends.",
+        "concurrency, same client processes) run "
+        + (
+            "just before each service cell."
+            if args.raw == "each"
+            else "once per size and concurrency at the start (`redis` rows; the `redis (end)` rows "
+            "repeat them after every service cell, to show the drift)."
+        ),
+        "- gRPC: `GetChunk` per chunk (sync grpcio server, thread pool, API key auth); gRPC-stream: "
+        "chunks received per second from `StreamContext` at a fixed level, each connection one stream "
+        "at a time, reopened when it ends.",
     ]
-    if todo:
+    if workers:
         notes.append(
-            "- TODO: gRPC GetChunk and StreamContext: `kvwire.server.grpc_server` is not on main yet; "
-            "rerun after `git merge main`."
+            "- `redis, N procs`: a real `kvwire serve --workers N` subprocess (Redis store and job "
+            "queue, no model), N processes sharing the REST and gRPC ports through SO_REUSEPORT."
         )
-    text = table(cells, todo) + "\n\n" + "\n".join(notes) + "\n"
+    text = table(cells) + "\n\n" + "\n".join(notes) + "\n"
     print()
     print(text)
     if args.out:
         args.out.write_text(text)
+    if args.json:
+        args.json.write_text(
+            json.dumps([{**dataclasses.asdict(c), "rps": c.rps, "mb_s": c.mb_s} for c in cells])
+        )
     return 0
+
+
+def _hiredis() -> str:
+    from redis.utils import HIREDIS_AVAILABLE
+
+    return "yes" if HIREDIS_AVAILABLE else "no"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Soak test (issue 6, "Load"): N concurrent clients ingest and load contexts through REST and gRPC.
 
-Usage: ``python benchmarks/soak.py [--clients 64] [--seconds 60] [--chunk-tokens 400] [--out FILE]``.
+Usage: ``python benchmarks/soak.py [--clients 64] [--seconds 60] [--chunk-tokens 400] [--level 2]
+[--model DIR] [--out FILE]`` (a random-weight model of a real shape: ``benchmarks/random_model.py``).
 
 Starts its own redis-server on a free loopback port and a real ``kvwire serve`` subprocess (REST and
 gRPC, Redis store, API keys for 4 tenants, the embedded worker with the bundled model unless
@@ -619,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=defaults.clients)
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--chunk-tokens", type=int, default=defaults.chunk_tokens)
+    parser.add_argument("--level", type=int, default=defaults.level, help="the one level encoded and loaded")
     parser.add_argument("--contexts", type=int, default=defaults.contexts)
     parser.add_argument("--context-chunks", type=int, default=defaults.context_chunks)
     parser.add_argument("--decode-every", type=int, default=defaults.decode_every)
@@ -632,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients,
         seconds=args.seconds,
         chunk_tokens=args.chunk_tokens,
+        level=args.level,
         contexts=args.contexts,
         context_chunks=args.context_chunks,
         decode_every=args.decode_every,

@@ -41,6 +41,7 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
             "jobs_redis_url",
             "tls_certfile",
             "tls_keyfile",
+            "workers",
         )
         if getattr(args, name, None) is not None
     }
@@ -52,7 +53,7 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     """Run the REST API, and the gRPC API with --grpc-port (embedded defaults: local store, in-process
-    queue and worker, bundled model)."""
+    queue and worker, bundled model); with --workers N, N such processes on the same ports."""
     from kvwire.server.rest import serve
 
     serve(_service_settings(args))
@@ -212,6 +213,12 @@ def _add_service_options(parser: argparse.ArgumentParser, *, http: bool) -> None
             dest="grpc_port",
             type=int,
             help="also serve the gRPC API on this port (KVWIRE_GRPC_PORT)",
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            help="serving processes sharing the ports (KVWIRE_WORKERS, default 1; more than 1 needs "
+            "--jobs-redis-url)",
         )
         parser.add_argument(
             "--tls-certfile",

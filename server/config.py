@@ -88,6 +88,9 @@ class ServiceSettings(BaseSettings):
     allow_anonymous: bool = False  # serve without API keys on a non-loopback address
     grpc_port: int | None = Field(default=None, ge=0, le=65535)  # None: `kvwire serve` runs no gRPC API
     grpc_max_workers: int = Field(default=16, gt=0)  # concurrent gRPC calls (threads)
+    # Serving processes sharing the REST and gRPC ports (SO_REUSEPORT; kvwire.server.supervisor).
+    # More than 1 needs jobs_redis_url: jobs must be visible to every process.
+    workers: int = Field(default=1, ge=1, le=256)
 
     model: str | None = None  # model directory or .gguf; None = the bundled SmolLM2-135M-Instruct
     device: str | None = None  # None = cuda if available, else cpu

@@ -249,6 +249,10 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         self.settings = settings or service.settings
         self.access = access or AccessControl(self.settings)
         self.send_watchdog = SendWatchdog(self.settings.grpc_send_timeout_s)
+        # StreamContext reads the next chunk while the current one is being sent (see _prefetch).
+        self.prefetcher = futures.ThreadPoolExecutor(
+            max_workers=self.settings.grpc_max_workers, thread_name_prefix="kvwire-grpc-prefetch"
+        )
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         return authenticate(self.access, context.invocation_metadata() or ())
@@ -259,6 +263,29 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         if crc32_hex(data) != entry.checksum:
             raise CorruptChunkError(f"stored chunk {entry.key} does not match its manifest checksum")
         return data
+
+    def _prefetch(self, chunks: Sequence[ChunkEntry], position: int, level: int) -> _Prefetch | None:
+        """Start reading chunk ``position`` at ``level`` in the background, if it has that level.
+
+        A stream is read, sent, read, sent...: reading the next chunk while a message waits for the
+        transport overlaps the store's latency with the send. The guess is the level just sent (the
+        fixed level, or the controller's last choice, which rarely changes between chunks); a stream
+        that then decides otherwise reads what it decided and drops the guess. At most one chunk per
+        stream is held ahead."""
+        if position >= len(chunks):
+            return None
+        entry = next((e for e in chunks[position].levels if e.level == level), None)
+        if entry is None:
+            return None
+        return _Prefetch(entry.key, self.prefetcher.submit(self._read, entry))
+
+    def _read_decided(self, entry: LevelEntry, prefetched: _Prefetch | None) -> bytes:
+        """The bytes of ``entry``: the prefetch's result (or error) if it read this entry, else a read now."""
+        if prefetched is not None and prefetched.key == entry.key:
+            return prefetched.future.result()
+        if prefetched is not None:
+            prefetched.future.cancel()
+        return self._read(entry)
 
     @_rpc
     def CreateContext(
@@ -332,8 +359,11 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         manifest = self.service.manifest(self._tenant(context), request.context_id)
         controller = stream_controller(request, manifest)
         adaptive = controller.mode.kind == "adaptive"
-        for chunk in manifest.chunks:
+        prefetched: _Prefetch | None = None
+        for position, chunk in enumerate(manifest.chunks):
             if not context.is_active():  # the client cancelled or went away
+                if prefetched is not None:
+                    prefetched.future.cancel()
                 return
             estimate = controller.estimator.predict() if adaptive else 0.0
             decision = controller.decide(time.perf_counter() - started)
@@ -350,9 +380,13 @@ class KvwireServicer(pb_grpc.KvwireServicer):
                 entry = chunk.level(decision.level)
                 message.kind = pb.CHUNK_KIND_KV
                 message.level = entry.level
-                message.data = self._read(entry)
+                message.data = self._read_decided(entry, prefetched)
                 message.checksum = entry.checksum
+                prefetched = self._prefetch(manifest.chunks, position + 1, entry.level)
             else:
+                if prefetched is not None:
+                    prefetched.future.cancel()
+                    prefetched = None
                 message.kind = pb.CHUNK_KIND_TEXT
                 message.token_ids.extend(chunk.token_ids)
             # The sync server resumes this generator once the message is handed to the transport,
@@ -366,6 +400,14 @@ class KvwireServicer(pb_grpc.KvwireServicer):
                 controller.record_transfer(nbytes, max(time.perf_counter() - sent, 1e-6))
 
 
+@dataclass(frozen=True)
+class _Prefetch:
+    """A chunk read started ahead of its turn in a stream: the store key and the read."""
+
+    key: str
+    future: futures.Future[bytes]
+
+
 # ------------------------------------------------------------------------------------------- server
 
 
@@ -376,11 +418,14 @@ class GrpcServer:
     server: grpc.Server
     port: int
     watchdog: SendWatchdog | None = None
+    prefetcher: futures.ThreadPoolExecutor | None = None
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         self.server.stop(grace_s).wait()
         if self.watchdog is not None:
             self.watchdog.close()
+        if self.prefetcher is not None:
+            self.prefetcher.shutdown(wait=False, cancel_futures=True)
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.server.wait_for_termination(timeout_s))
@@ -428,4 +473,4 @@ def serve_grpc(
     # The first adaptive stream would otherwise compile the planner while its client waits.
     threading.Thread(target=warm_up, name="kvwire-controller-warm-up", daemon=True).start()
     log.info("kvwire gRPC API on %s:%d%s", host, bound, " (TLS)" if credentials else "")
-    return GrpcServer(server, bound, servicer.send_watchdog)
+    return GrpcServer(server, bound, servicer.send_watchdog, servicer.prefetcher)

@@ -7,6 +7,7 @@ else. See docs/service.md for the endpoints.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Annotated, Any
@@ -478,12 +479,10 @@ def serve(settings: ServiceSettings | None = None) -> None:
     """Build the service from ``settings`` and run the REST API with uvicorn until interrupted.
 
     With ``settings.grpc_port`` set, the gRPC API (``kvwire.server.grpc_server``) runs alongside it;
-    with ``tls_certfile``/``tls_keyfile`` set, both serve TLS only.
+    with ``tls_certfile``/``tls_keyfile`` set, both serve TLS only. With ``settings.workers > 1``,
+    that many such processes share the ports (``kvwire.server.supervisor``).
     """
-    import uvicorn
-
-    from kvwire.server.service import build_service
-    from kvwire.server.timeouts import uvicorn_options
+    from kvwire.server.supervisor import check_workers, serve_workers
 
     settings = settings or ServiceSettings()
     if not settings.auth_enabled and not settings.allow_anonymous and not _is_loopback(settings.host):
@@ -492,6 +491,26 @@ def serve(settings: ServiceSettings | None = None) -> None:
             "(or KVWIRE_ALLOW_ANONYMOUS=true to serve every caller as the default tenant)"
         )
     check_tls_files(settings)
+    check_workers(settings)
+    if settings.workers > 1:
+        serve_workers(settings)
+    else:
+        serve_process(settings)
+
+
+def serve_process(settings: ServiceSettings, *, reuse_port: bool = False) -> None:
+    """One serving process: the service, the gRPC API (if ``grpc_port``) and the REST API (uvicorn).
+
+    ``reuse_port``: bind both ports with ``SO_REUSEPORT``, beside other processes serving the same
+    ports (a child of :func:`kvwire.server.supervisor.serve_workers`; grpcio sets it by itself).
+    """
+    import uvicorn
+
+    from kvwire.server.service import build_service
+    from kvwire.server.supervisor import reuse_port_socket
+    from kvwire.server.timeouts import uvicorn_options
+
+    sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
     service = build_service(settings)
     access = AccessControl(settings)  # one rate-limit bucket per key across both APIs
     grpc_server = None
@@ -503,7 +522,7 @@ def serve(settings: ServiceSettings | None = None) -> None:
         tls: dict[str, Any] = {}
         if settings.tls_enabled:
             tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
-        uvicorn.run(
+        config = uvicorn.Config(
             create_app(service, settings, access),
             host=settings.host,
             port=settings.port,
@@ -511,8 +530,15 @@ def serve(settings: ServiceSettings | None = None) -> None:
             **tls,
             **uvicorn_options(settings),  # timeouts against stalled clients (kvwire.server.timeouts)
         )
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+        if not server.started:  # uvicorn logged why (a port in use, say)
+            raise InvalidInputError(f"the REST API did not start on {settings.host}:{settings.port}")
     finally:
         if grpc_server is not None:
             grpc_server.stop(settings.shutdown_grace_s)
         access.close()
         service.close()
+        for sock in sockets or ():
+            sock.close()

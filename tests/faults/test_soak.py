@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.random_model import save_random_llama
 from benchmarks.soak import SoakOptions, markdown, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,27 +20,7 @@ VOCAB = 128
 def tiny_model_dir(path: Path) -> Path:
     """A 2-layer random-weight Llama and a one-token-per-character tokenizer, saved as a HF model
     directory that ``kvwire serve`` loads (``KVWIRE_MODEL``) and calibrates in a few seconds."""
-    import torch
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {"[UNK]": 0, **{chr(i): i for i in range(1, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_llama(path, "tiny")
 
 
 def test_short_soak_loses_and_corrupts_nothing(tmp_path: Path) -> None:

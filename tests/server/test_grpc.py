@@ -220,6 +220,23 @@ def test_corrupt_chunk_is_data_loss(stub: Any, service: KvwireService) -> None:
     assert_status(lambda: stream(stub, context_id="c", fixed_level=0), grpc.StatusCode.DATA_LOSS)
 
 
+def test_stream_reads_ahead_yet_fails_at_the_corrupt_chunk(stub: Any, service: KvwireService) -> None:
+    """StreamContext reads the next chunk while sending one: a corrupt third chunk still arrives as
+    two good messages and then DATA_LOSS, and a prefetch for a level the stream does not use is dropped."""
+    synthetic_context(service, "ahead", 4, [1000, 500])
+    manifest = stub.GetManifest(pb.GetManifestRequest(context_id="ahead"), metadata=ALICE)
+    _check_stream(stream(stub, context_id="ahead", fixed_level=1), manifest, service)
+    service.store.put(manifest.chunks[2].levels[1].key, b"garbage")
+    received: list[pb.ChunkMessage] = []
+    request = pb.StreamRequest(context_id="ahead", fixed_level=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        for message in stub.StreamContext(request, metadata=ALICE):
+            received.append(message)
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+    assert [m.index for m in received] == [0, 1]
+    _check_stream(stream(stub, context_id="ahead", fixed_level=0), manifest, service)  # level 0 intact
+
+
 def synthetic_context(service: KvwireService, context_id: str, chunks: int, level_bytes: list[int]) -> None:
     """Store a context of ``chunks`` chunks whose level ``i`` is ``level_bytes[i]`` bytes (no model).
 
