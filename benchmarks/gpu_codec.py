@@ -334,7 +334,7 @@ def encode_bench(args: argparse.Namespace) -> None:
 
     def write() -> None:
         text = "\n".join([head, *rows, "", *notes, ""])
-        (out_dir / "gpu_encode_bench.md").write_text(text)
+        (out_dir / f"gpu_encode_{args.models.replace(',', '_')}.md").write_text(text)
 
     models = [m for m in SHAPES if m.split("-")[0] in args.models.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -347,18 +347,19 @@ def encode_bench(args: argparse.Namespace) -> None:
         elt = L * 2 * H * CHUNK * D
         # Exactness: a settled chunk (CPU encode + decode) gets the CPU encoder's bytes; a raw one decodes
         # the same on both paths.
-        one = ctx[:, :, :, CHUNK : 2 * CHUNK].cpu()
+        j0 = CHUNK if max_b > 1 else 0
+        one = ctx[:, :, :, j0 : j0 + CHUNK].cpu()
         settled = codec.decode_chunk(
-            codec.encode_chunk(one, profile, token_start=CHUNK, backend="cpu").data, profile
+            codec.encode_chunk(one, profile, token_start=j0, backend="cpu").data, profile
         )
-        ref = codec.encode_chunk(settled, profile, token_start=CHUNK, backend="cpu").data
-        got = gpu_encode.encode_chunks_gpu([settled.to(dev)], profile, token_starts=[CHUNK])[0].data
-        raw = gpu_encode.encode_chunks_gpu([one.to(dev)], profile, token_starts=[CHUNK])[0].data
+        ref = codec.encode_chunk(settled, profile, token_start=j0, backend="cpu").data
+        got = gpu_encode.encode_chunks_gpu([settled.to(dev)], profile, token_starts=[j0])[0].data
+        raw = gpu_encode.encode_chunks_gpu([one.to(dev)], profile, token_starts=[j0])[0].data
         same = torch.equal(
             codec.decode_chunk(raw, profile, backend="cpu"),
             codec.decode_chunk(raw, profile, device=dev).cpu(),
         )
-        cpu_raw = codec.encode_chunk(one, profile, token_start=CHUNK, backend="cpu").data
+        cpu_raw = codec.encode_chunk(one, profile, token_start=j0, backend="cpu").data
         notes.append(
             f"- {name}: GPU bytes == CPU bytes on a settled chunk: {got == ref}; on the raw chunk the "
             "streams "
@@ -409,7 +410,14 @@ def encode_bench(args: argparse.Namespace) -> None:
             write()
         del ctx
         torch.cuda.empty_cache()
-    # Ceilings in the same run.
+    if args.ceiling_mib:
+        _encode_ceilings(args, dev, notes, max(batches))
+    write()
+    print("\n".join([head, *rows, "", *notes]))
+
+
+def _encode_ceilings(args: argparse.Namespace, dev: torch.device, notes: list[str], nb: int) -> None:
+    """Copy, D2H, host CRC, host bytes and float32 GEMM rates on this machine, for the encoder's table."""
     n = args.ceiling_mib << 20
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b2 = torch.empty_like(a)
@@ -437,7 +445,6 @@ def encode_bench(args: argparse.Namespace) -> None:
         f"- ceiling: host copy into bytes objects (16 MiB each): {t * 1e3:.1f} ms, {n / t / 1e9:.1f} GB/s"
     )
     del a, b2, pinned
-    nb = max(batches)
     x = torch.randn(nb, 512, CHUNK, 128, device=dev)
     w = torch.randn(512, 128, 128, device=dev)
     for tf32 in (False, True):
@@ -448,14 +455,13 @@ def encode_bench(args: argparse.Namespace) -> None:
             f"{t * 1e3:.3f} ms, {2 * x.numel() * 128 / t / 1e12:.1f} TFLOP/s"
         )
     torch.backends.cuda.matmul.allow_tf32 = False
-    write()
-    print((out_dir / "gpu_encode_bench.md").read_text())
 
 
 def _encode_sweep(
     ctx: torch.Tensor, profile: CalibrationProfile, notes: list[str], t_start: float, budget: float
 ) -> None:
-    """Launch shapes of the transform and table kernels (64 chunks, level 2); outputs checked equal."""
+    """Launch shapes of the transform and table kernels, and the pipeline's sub-batch size (64 chunks,
+    level 2); kernel outputs checked against the default's."""
     b = ctx.shape[3] // CHUNK
     view = gpu_encode.chunk_view(ctx, CHUNK)
     starts = [CHUNK * j for j in range(b)]
@@ -464,41 +470,47 @@ def _encode_sweep(
     gpu_encode.launch_transform(job)
     gpu_encode.launch_tables(job)
     q_ref, cls_ref = job.q.clone(), job.classes.clone()
-    for prec in ("tf32x3", "ieee", "tf32"):
-        for bt, bn, bk, warps in (
-            (64, 64, 32, 4),
-            (128, 64, 32, 8),
-            (64, 128, 32, 4),
-            (128, 128, 32, 8),
-            (64, 64, 64, 4),
-        ):
-            if time.perf_counter() - t_start > budget or (prec != "tf32x3" and (bt, bn) != (64, 64)):
-                continue
-            gpu_encode.TUNING.update(bt=bt, bn=bn, bk=bk, warps=warps, precision=prec)
-            try:
-                t = events(functools.partial(gpu_encode.launch_transform, job), 3)
-                diff = int((job.q != q_ref).sum())
-                notes.append(
-                    f"- sweep transform {prec} BT {bt} BN {bn} BK {bk} warps {warps}: {t * 1e3:.3f} ms, "
-                    f"{diff} coefficients differ"
-                )
-            except Exception as exc:
-                notes.append(f"- sweep transform {prec} {bt} {bn} {bk} {warps}: {type(exc).__name__}")
-            print(notes[-1], flush=True)
-    gpu_encode.TUNING.update(saved)
-    gpu_encode.launch_transform(job)
-    for bt, bc, warps in ((256, 32, 8), (256, 16, 4), (128, 32, 4), (256, 64, 8), (256, 32, 4)):
+    for prec, bt, bn, bk, warps in (
+        ("ieee", 128, 64, 32, 8),
+        ("ieee", 64, 64, 64, 4),
+        ("ieee", 64, 128, 32, 4),
+        ("tf32x3", 64, 64, 32, 4),
+    ):
         if time.perf_counter() - t_start > budget:
             continue
-        gpu_encode.TUNING.update(table_bt=bt, table_bc=bc, table_warps=warps)
+        gpu_encode.TUNING.update(bt=bt, bn=bn, bk=bk, warps=warps, precision=prec)
+        try:
+            t = events(functools.partial(gpu_encode.launch_transform, job), 3)
+            diff = int((job.q != q_ref).sum())
+            notes.append(
+                f"- sweep transform {prec} BT {bt} BN {bn} BK {bk} warps {warps}: {t * 1e3:.3f} ms, "
+                f"{diff} coefficients differ from the default's"
+            )
+        except Exception as exc:
+            notes.append(f"- sweep transform {prec} {bt} {bn} {bk} {warps}: {type(exc).__name__}")
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    gpu_encode.launch_transform(job)
+    for bc, warps in ((32, 1), (128, 4), (64, 4)):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(table_bc=bc, table_warps=warps)
         try:
             t = events(functools.partial(gpu_encode.launch_tables, job), 3)
             same = torch.equal(job.classes, cls_ref)
-            notes.append(
-                f"- sweep tables BT {bt} BC {bc} warps {warps}: {t * 1e3:.3f} ms, same classes {same}"
-            )
+            notes.append(f"- sweep tables BC {bc} warps {warps}: {t * 1e3:.3f} ms, same classes {same}")
         except Exception as exc:
-            notes.append(f"- sweep tables {bt} {bc} {warps}: {type(exc).__name__}")
+            notes.append(f"- sweep tables {bc} {warps}: {type(exc).__name__}")
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    del job
+    for sub in (8, 32, 64):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(sub_batch=sub)
+        run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
+        t = wall(run, 3)
+        notes.append(f"- sweep sub-batch {sub} chunks, e2e 64 chunks level 2: {t * 1e3:.2f} ms")
         print(notes[-1], flush=True)
     gpu_encode.TUNING.update(saved)
 

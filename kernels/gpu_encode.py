@@ -18,6 +18,7 @@ On a machine without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRE
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import struct
 import threading
@@ -34,18 +35,19 @@ from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
 from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 
-# Launch shapes and the transform's dot precision (docs/gpu.md); module-level so benchmarks can sweep
-# them. "tf32x3" splits each float32 operand in two tf32 parts (three tensor-core products, close to
-# float32 accuracy); "ieee" is plain float32 on the CUDA cores.
+# Launch shapes, the transform's dot precision and the chunks per pipelined sub-batch (measured on an
+# H200, docs/gpu.md); module-level so benchmarks can sweep them. "ieee" is float32 on the CUDA cores (as
+# the CPU's float32 GEMM); "tf32x3" (three tensor-core products) measured slower, plain "tf32" changes
+# about 1% of the coefficients.
 TUNING: dict[str, int | str] = {
     "bt": 64,
     "bn": 64,
     "bk": 32,
     "warps": 4,
-    "precision": "tf32x3",
-    "table_bt": 256,
-    "table_bc": 32,
-    "table_warps": 8,
+    "precision": "ieee",
+    "table_bc": 64,
+    "table_warps": 2,
+    "sub_batch": 16,
 }
 _HUGE_COST = 1e300  # cost of the padding tables: never the cheapest, finite (0 * inf would be NaN)
 
@@ -89,7 +91,7 @@ _BANKS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _encoder_bank(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 [n_tables, NUM_SYMBOLS] freq | cum << 13; float64 [NUM_SYMBOLS, KP] costs), per device.
+    """(int32 [n_tables, NUM_SYMBOLS] freq | cum << 13; float64 [NUM_SYMBOLS, KA + KB] costs), per device.
 
     Column k of the costs is table k + 1's code length per symbol (raw bits included), as the CPU's
     ``choose_tables`` uses; columns past the bank cost ``_HUGE_COST``.
@@ -99,33 +101,41 @@ def _encoder_bank(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         bank = table_bank()
         packed = (bank.freq.astype(np.int64) | (bank.cum.astype(np.int64) << 13)).astype(np.int32)
         n = bank.n_tables - 1
-        cost = np.full((rans.NUM_SYMBOLS, _kp(n)), _HUGE_COST)
+        cost = np.full((rans.NUM_SYMBOLS, sum(_cost_blocks(n))), _HUGE_COST)
         cost[:, :n] = bank.code_length[1:].T
         _BANKS[key] = (torch.from_numpy(packed).to(device), torch.from_numpy(cost).to(device))
     return _BANKS[key]
 
 
-def _kp(n_tables: int) -> int:
-    return max(16, 1 << (n_tables - 1).bit_length())
+def _cost_blocks(n_tables: int) -> tuple[int, int]:
+    """Two power-of-two widths covering ``n_tables`` costs with little padding (78: 64 + 16)."""
+    full = 1 << (n_tables - 1).bit_length()
+    ka = full if full <= 16 else full // 2
+    return ka, 1 << (n_tables - ka - 1).bit_length() if n_tables > ka else 1
 
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    """Packed chunks back to back in one host buffer (pinned for a CUDA encode), CRCs filled in."""
+    """Packed chunks, CRCs filled in, back to back in host buffers (pinned for a CUDA encode): one
+    buffer per pipelined sub-batch."""
 
-    data: np.ndarray  # uint8 [sum of sizes]
-    bases: list[int]  # byte offset of each chunk
-    sizes: list[int]  # byte size of each chunk
+    parts: list[np.ndarray]  # uint8 host buffers
+    where: list[tuple[int, int, int]]  # each chunk's (buffer, byte offset, byte size)
     level: int
     token_starts: list[int]
     n_tokens: int
 
     def __len__(self) -> int:
-        return len(self.bases)
+        return len(self.where)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, _, size in self.where)
 
     def view(self, i: int) -> memoryview:
         """Chunk ``i``'s bytes, without a copy (valid while this batch is referenced)."""
-        return memoryview(self.data[self.bases[i] : self.bases[i] + self.sizes[i]])
+        part, lo, size = self.where[i]
+        return memoryview(self.parts[part][lo : lo + size].data)
 
     def chunks(self) -> list[codec.EncodedChunk]:
         """Each chunk as an ``EncodedChunk`` holding its own ``bytes`` (one host copy per chunk)."""
@@ -180,6 +190,26 @@ def chunk_view(kv: torch.Tensor, chunk_tokens: int = codec.DEFAULT_CHUNK_TOKENS)
     return kv.as_strided((B, L, two, H, chunk_tokens, D), (chunk_tokens * s[3], *s), kv.storage_offset())
 
 
+def _check_batch(
+    kv: torch.Tensor,
+    profile: CalibrationProfile,
+    level: int,
+    token_starts: Sequence[int] | None,
+    lanes: int,
+    base_step: float | None,
+) -> list[int]:
+    """Raise InvalidInputError for a bad batch tensor or option; each chunk's first token position."""
+    if not isinstance(kv, torch.Tensor) or kv.ndim != 6 or kv.shape[0] == 0:
+        raise InvalidInputError("a batch is a tensor [chunks, layers, 2, kv_heads, tokens, head_dim]")
+    codec.check_kv(kv[0], profile)
+    starts = list(token_starts) if token_starts is not None else [0] * kv.shape[0]
+    if len(starts) != kv.shape[0]:
+        raise InvalidInputError("one token_start per chunk")
+    for s in starts:
+        codec.check_encode_options(level, lanes, s, base_step)
+    return starts
+
+
 def prepare_encode(
     kv: torch.Tensor,
     profile: CalibrationProfile,
@@ -190,15 +220,9 @@ def prepare_encode(
     base_step: float | None = None,
 ) -> EncodeJob:
     """Validate a batch ``[B, L, 2, H, T, D]`` and its options (typed errors, nothing launched yet)."""
-    if not isinstance(kv, torch.Tensor) or kv.ndim != 6 or kv.shape[0] == 0:
-        raise InvalidInputError("a batch is a tensor [chunks, layers, 2, kv_heads, tokens, head_dim]")
-    B, L, _, _, T, _ = kv.shape
+    starts = _check_batch(kv, profile, level, token_starts, lanes, base_step)
     dtype = codec.check_kv(kv[0], profile)
-    starts = list(token_starts) if token_starts is not None else [0] * B
-    if len(starts) != B:
-        raise InvalidInputError("one token_start per chunk")
-    for s in starts:
-        codec.check_encode_options(level, lanes, s, base_step)
+    B, L, _, _, T, _ = kv.shape
     dev = kv.device
     G, d = profile.groups, profile.group_dim
     S = L * 2 * G
@@ -252,7 +276,7 @@ def launch_transform(job: EncodeJob) -> None:
     bt, bn, bk = int(TUNING["bt"]), int(TUNING["bn"]), int(TUNING["bk"])
     bn = min(bn, max(16, triton.next_power_of_2(d)))
     bk = min(bk, max(16, triton.next_power_of_2(d)))
-    grid = (triton.cdiv(T, bt), triton.cdiv(d, bn), B * S)
+    grid = (B * S, triton.cdiv(T, bt), triton.cdiv(d, bn))
     te.transform_kernel[grid](
         job.kv, *job.kv.stride(), job.cos, job.sin, ep.mean, ep.forward, job.inv_step, job.n_sink,
         job.q, job.rows, job.bad, S, T, d, G, p.heads_per_group, D, 0.5 - codec.DEADZONE,
@@ -269,11 +293,11 @@ def launch_tables(job: EncodeJob) -> None:
 
     B, S, T, d = job.q.shape
     _, cost = _encoder_bank(job.q.device)
-    bt = min(int(TUNING["table_bt"]), max(16, triton.next_power_of_2(T)))
+    ka, kb = _cost_blocks(table_bank().n_tables - 1)
     bc = min(int(TUNING["table_bc"]), max(16, triton.next_power_of_2(d)))
     te.table_kernel[(B * S, triton.cdiv(d, bc))](
-        job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups,
-        BT=bt, BC=bc, KP=cost.shape[1], num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
+        job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups, BC=bc,
+        KA=ka, KB=kb, num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
     )  # fmt: skip
 
 
@@ -395,48 +419,71 @@ def _place_raw_rows(job: EncodeJob, buf: torch.Tensor, bases: list[int], raw_at:
     buf[(at[:, None] + torch.arange(row_bytes, device=dev)[None, :]).view(-1)] = values.view(-1)
 
 
+class _HostCopy:
+    """One packed device buffer on its way to host memory: chunk after chunk is copied asynchronously
+    (on ``stream``), and ``checksum`` hands each chunk, once its copy is done, to the thread pool that
+    decode staging uses (ISA-L CRC-32 in pieces, combined, when available)."""
+
+    def __init__(
+        self, buf: torch.Tensor, bases: list[int], sizes: list[int], stream: torch.cuda.Stream | None
+    ) -> None:
+        self.bases, self.sizes = bases, sizes
+        self.events: list[torch.cuda.Event] = []
+        self.jobs: list[list[tuple[int, concurrent.futures.Future[int]]]] = []
+        if buf.device.type != "cuda":
+            self.host = buf.numpy()
+            return
+        host_t = torch.empty(buf.numel(), dtype=torch.uint8, pin_memory=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(buf.device))
+        with torch.cuda.stream(stream or torch.cuda.current_stream(buf.device)):
+            side = torch.cuda.current_stream(buf.device)
+            side.wait_event(ready)
+            for lo, n in zip(bases, sizes, strict=True):
+                host_t[lo : lo + n].copy_(buf[lo : lo + n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(side)
+                self.events.append(ev)
+            buf.record_stream(side)  # the allocator keeps the buffer until the copies are done
+        self.host = host_t.numpy()
+
+    def checksum(self) -> None:
+        """Submit each chunk's CRC-32 as soon as its copy is done (waits for the copies)."""
+        combine = gpu._crc32_combine()
+        pool = gpu._pool()
+        # Pieces of at least 1 MiB, about two per thread over the buffer: one per chunk for a large
+        # batch, a single chunk split over every thread (few submissions: each costs Python time).
+        per_thread = -(-self.host.shape[0] // (2 * pool._max_workers))
+        piece = max(self.sizes) if combine is None else max(gpu._PIECE, per_thread)
+        host = self.host
+
+        def crc(lo: int, hi: int) -> int:
+            return fmt.crc32(host[lo:hi])
+
+        for i, (lo, n) in enumerate(zip(self.bases, self.sizes, strict=True)):
+            if self.events:
+                self.events[i].synchronize()
+            cuts = [*range(0, n, piece), n]
+            self.jobs.append([(b - a, pool.submit(crc, lo + a, lo + b)) for a, b in itertools.pairwise(cuts)])
+
+    def finish(self) -> np.ndarray:
+        """Store every chunk's CRC-32 in its header; the host buffer."""
+        if not self.jobs:
+            self.checksum()
+        combine = gpu._crc32_combine()
+        for lo, parts in zip(self.bases, self.jobs, strict=True):
+            value = parts[0][1].result()
+            for n, fut in parts[1:]:
+                assert combine is not None
+                value = combine(value, fut.result(), n)
+            field = np.frombuffer(struct.pack("<I", value & 0xFFFFFFFF), np.uint8)
+            self.host[lo + fmt.HEADER_SIZE - 4 : lo + fmt.HEADER_SIZE] = field
+        return self.host
+
+
 def copy_out(buf: torch.Tensor, bases: list[int], sizes: list[int]) -> np.ndarray:
-    """The packed chunks in host memory (pinned for CUDA), each chunk's CRC-32 computed and stored.
-
-    Chunk after chunk is copied asynchronously; the thread pool checksums each one (ISA-L in pieces,
-    combined, when available) as soon as its copy is done, overlapping the later copies.
-    """
-    cuda = buf.device.type == "cuda"
-    total = buf.numel()
-    if cuda:
-        host_t = torch.empty(total, dtype=torch.uint8, pin_memory=True)
-        stream = torch.cuda.current_stream(buf.device)
-        events = []
-        for lo, n in zip(bases, sizes, strict=True):
-            host_t[lo : lo + n].copy_(buf[lo : lo + n], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            events.append(ev)
-        host = host_t.numpy()
-    else:
-        host = buf.numpy()
-    combine = gpu._crc32_combine()
-    pool = gpu._pool()
-    piece = gpu._PIECE if combine is not None else max(sizes)
-
-    def crc(lo: int, hi: int) -> int:
-        return fmt.crc32(host[lo:hi])
-
-    jobs = []
-    for i, (lo, n) in enumerate(zip(bases, sizes, strict=True)):
-        if cuda:
-            events[i].synchronize()
-        cuts = [*range(0, n, piece), n]
-        jobs.append([(b - a, pool.submit(crc, lo + a, lo + b)) for a, b in itertools.pairwise(cuts)])
-    for lo, parts in zip(bases, jobs, strict=True):
-        value = parts[0][1].result()
-        for n, fut in parts[1:]:
-            assert combine is not None
-            value = combine(value, fut.result(), n)
-        host[lo + fmt.HEADER_SIZE - 4 : lo + fmt.HEADER_SIZE] = np.frombuffer(
-            struct.pack("<I", value & 0xFFFFFFFF), np.uint8
-        )
-    return host
+    """The packed chunks of ``pack_device`` in host memory (pinned for CUDA), each chunk's CRC-32 stored."""
+    return _HostCopy(buf, bases, sizes, None).finish()
 
 
 def encode_batch_gpu(
@@ -450,17 +497,36 @@ def encode_batch_gpu(
     base_step: float | None = None,
 ) -> EncodedBatch:
     """Encode a batch ``[B, L, 2, H, T, D]`` (any strides, e.g. ``chunk_view`` of a context) on its
-    device; the packed chunks land in one host buffer (see ``EncodedBatch``)."""
-    job = prepare_encode(
-        kv, profile, level=level, token_starts=token_starts, lanes=lanes, base_step=base_step
-    )
-    launch_transform(job)
-    launch_tables(job)
-    check_input(job)
-    launch_rans(job)
-    buf, bases, sizes = pack_device(job, model_fingerprint)
-    host = copy_out(buf, bases, sizes)
-    return EncodedBatch(host, bases, sizes, level, job.starts, int(kv.shape[4]))
+    device into packed chunks in host memory (see ``EncodedBatch``).
+
+    Sub-batches of ``TUNING["sub_batch"]`` chunks are pipelined: while one is coded on the device, the
+    previous one is copied to pinned memory (a second stream) and checksummed by host threads. Every
+    option is checked before the first launch; non-finite KV raises before its sub-batch is coded.
+    """
+    starts = _check_batch(kv, profile, level, token_starts, lanes, base_step)
+    B = kv.shape[0]
+    cuda = kv.device.type == "cuda"
+    stream = torch.cuda.Stream(kv.device) if cuda else None
+    step = max(1, int(TUNING["sub_batch"]))
+    copies: list[_HostCopy] = []
+    where: list[tuple[int, int, int]] = []
+    for s0 in range(0, B, step):
+        job = prepare_encode(
+            kv[s0 : s0 + step], profile, level=level, token_starts=starts[s0 : s0 + step], lanes=lanes,
+            base_step=base_step,
+        )  # fmt: skip
+        launch_transform(job)
+        launch_tables(job)
+        check_input(job)
+        launch_rans(job)
+        buf, bases, sizes = pack_device(job, model_fingerprint)
+        del job
+        copies.append(_HostCopy(buf, bases, sizes, stream))
+        where.extend((len(copies) - 1, lo, n) for lo, n in zip(bases, sizes, strict=True))
+        if len(copies) > 1:  # the previous sub-batch's copies are done or nearly: checksum them now
+            copies[-2].checksum()
+    parts = [c.finish() for c in copies]
+    return EncodedBatch(parts, where, level, starts, int(kv.shape[4]))
 
 
 def encode_chunks_gpu(

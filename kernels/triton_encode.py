@@ -56,9 +56,9 @@ def transform_kernel(
     BK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bs = tl.program_id(2).to(tl.int64)
+    bs = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1)
+    pid_n = tl.program_id(2)
     b = bs // S
     s = bs % S
     lk = s // G  # layer * 2 + kv
@@ -120,55 +120,96 @@ def transform_kernel(
 
 
 @triton.jit
+def _symbol(v, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr, MAX_OCTAVE: tl.constexpr):
+    """The alphabet symbol of int32 coefficients (``rans._to_symbol``), and their octave."""
+    a = tl.abs(v)
+    k = tl.full(v.shape, MIN_OCTAVE, tl.int32)
+    for o in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
+        k += (a >= (1 << o)).to(tl.int32)
+    direct = a <= DIRECT_MAX
+    sym = tl.where(direct, v + DIRECT_MAX, 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int32))
+    return sym, k, direct, a
+
+
+@triton.jit
 def table_kernel(
     q_ptr,  # int32 [B, S, T, d]
     row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
-    cost_ptr,  # float64 [NUM_SYMBOLS, KP]: code length of symbol s under table k + 1 (padding: huge)
+    cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
     classes_ptr,  # uint8 [B, S, d]
     S,
     T,
     d,
     G,
-    BT: tl.constexpr,
     BC: tl.constexpr,
-    KP: tl.constexpr,
+    KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
+    KB: tl.constexpr,
     NUM_SYMBOLS: tl.constexpr,
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
     MAX_OCTAVE: tl.constexpr,
 ):
+    # Counting without reductions: the program walks the tokens, each component's counts stay in its
+    # own row. Four symbols share an int32 (a byte each), so one token costs 16 compares per component;
+    # every 64 tokens (bytes hold at most 64) the bytes move into four wide counters.
     bs = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_on = c < d
     b = bs // S
     lk = (bs % S) // G
     row = row_ptr + (b * (S // G) + lk) * T
-    kcol = tl.arange(0, KP)
-    cost = tl.zeros((BC, KP), tl.float64)
-    zeros = tl.zeros((BC,), tl.int32)
+    col = q_ptr + bs * T * d + c
+    grp = tl.arange(0, 16)  # symbol // 4 (55 symbols: groups 0..13)
+    w0 = tl.zeros((BC, 16), tl.int32)  # count of symbol 4 g + j in column g of w_j
+    w1 = tl.zeros((BC, 16), tl.int32)
+    w2 = tl.zeros((BC, 16), tl.int32)
+    w3 = tl.zeros((BC, 16), tl.int32)
+    v_next = tl.load(col, mask=c_on, other=0)
+    raw_next = tl.load(row)
     t0 = 0
     while t0 < T:
-        tok = t0 + tl.arange(0, BT)
-        tok_on = tok < T
-        raw = tl.load(row + tok, mask=tok_on, other=1)
-        on = tok_on[:, None] & c_on[None, :]
-        v = tl.load(q_ptr + (bs * T + tok[:, None]) * d + c[None, :], mask=on & (raw[:, None] == 0), other=0)
-        a = tl.abs(v)
-        k = tl.full(v.shape, MIN_OCTAVE, tl.int32)
-        for o in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
-            k += (a >= (1 << o)).to(tl.int32)
-        sym = tl.where(
-            a <= DIRECT_MAX, v + DIRECT_MAX, 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int32)
-        )
-        sym = tl.where(tok_on[:, None], sym, NUM_SYMBOLS)  # padding tokens count nowhere
-        for sy in tl.static_range(NUM_SYMBOLS):
-            cnt = tl.sum((sym == sy).to(tl.int32), axis=0)
-            if sy == DIRECT_MAX:
-                zeros += cnt
-            cl = tl.load(cost_ptr + sy * KP + kcol)
-            cost += cnt.to(tl.float64)[:, None] * cl[None, :]
-        t0 += BT
-    best = tl.argmin(cost, axis=1).to(tl.int32) + 1
+        acc = tl.zeros((BC, 16), tl.int32)
+        t = t0
+        t_end = tl.minimum(t0 + 64, T)
+        while t < t_end:
+            v = tl.where(raw_next == 0, v_next, 0)
+            v_next = tl.load(col + (t + 1) * d, mask=c_on & (t + 1 < T), other=0)  # one token ahead
+            raw_next = tl.load(row + t + 1, mask=t + 1 < T, other=0)
+            sym, _k, _direct, _a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
+            one = (1 << ((sym & 3) * 8))[:, None]
+            acc += tl.where(grp[None, :] == (sym >> 2)[:, None], one, 0)
+            t += 1
+        w0 += acc & 255
+        w1 += (acc >> 8) & 255
+        w2 += (acc >> 16) & 255
+        w3 += (acc >> 24) & 255
+        t0 += 64
+    ka = tl.arange(0, KA)
+    kb = KA + tl.arange(0, KB)
+    cost_a = tl.zeros((BC, KA), tl.float64)
+    cost_b = tl.zeros((BC, KB), tl.float64)
+    zeros = tl.zeros((BC,), tl.int32)
+    for sy in tl.static_range(NUM_SYMBOLS):
+        if sy % 4 == 0:
+            w = w0
+        elif sy % 4 == 1:
+            w = w1
+        elif sy % 4 == 2:
+            w = w2
+        else:
+            w = w3
+        cnt = tl.sum(tl.where(grp[None, :] == sy // 4, w, 0), axis=1)
+        if sy == DIRECT_MAX:
+            zeros = cnt
+        cf = cnt.to(tl.float64)[:, None]
+        cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)[None, :]
+        cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)[None, :]
+    # argmin over both blocks, the first of equal costs as numpy's argmin
+    min_a = tl.min(cost_a, axis=1)
+    min_b = tl.min(cost_b, axis=1)
+    arg_a = tl.argmin(cost_a, axis=1).to(tl.int32)
+    arg_b = tl.argmin(cost_b, axis=1).to(tl.int32) + KA
+    best = tl.where(min_b < min_a, arg_b, arg_a) + 1
     cls = tl.where(zeros == T, 0, best)
     tl.store(classes_ptr + bs * d + c, cls.to(tl.uint8), mask=c_on)
 
@@ -218,19 +259,16 @@ def rans_kernel(
         cl = tl.load(classes_ptr + seg * d + comp, mask=on_j, other=0).to(tl.int32)
         col = q_ptr + seg * T * d + comp
         trow = table_ptr + cl * NUM_SYMBOLS
+        # The next step's coefficient and raw flag are loaded one step ahead: they do not depend on
+        # the state, so their latency hides behind the state update.
         t = T - 1
+        v_next = tl.load(col + t * d, mask=on_j, other=0)
+        raw_next = tl.load(row + t)
         while t >= 0:
-            raw_row = tl.load(row + t)
-            on = on_j & (raw_row == 0)
-            v = tl.load(col + t * d, mask=on, other=0)
-            a = tl.abs(v)
-            k = tl.full((BLOCK,), MIN_OCTAVE, tl.int32)
-            for o in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
-                k += (a >= (1 << o)).to(tl.int32)
-            direct = a <= DIRECT_MAX
-            sym = tl.where(
-                direct, v + DIRECT_MAX, 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int32)
-            )
+            v = tl.where(raw_next == 0, v_next, 0)
+            v_next = tl.load(col + (t - 1) * d, mask=on_j & (t > 0), other=0)
+            raw_next = tl.load(row + t - 1, mask=t > 0, other=0)
+            sym, k, direct, a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
             e = tl.load(trow + sym, mask=on_j, other=1)
             f = (e & 8191).to(tl.uint32)
             cum = (e >> 13).to(tl.uint32)

@@ -96,8 +96,13 @@ def test_other_layouts_give_the_cpu_encoders_bytes(
         assert gpu_encode.encode_chunks_gpu([x.to(DEV)], prof, token_starts=[7])[0].data == cpu
 
 
-def test_batch_of_a_context_in_one_pass(profile: CalibrationProfile) -> None:
-    """``chunk_view`` of a context: no copy, one batch, every chunk the CPU's bytes, valid CRCs."""
+@pytest.mark.parametrize("sub_batch", [16, 2])
+def test_batch_of_a_context_in_one_pass(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch, sub_batch: int
+) -> None:
+    """``chunk_view`` of a context: no copy, one batch (or pipelined sub-batches), every chunk the CPU's
+    bytes, valid CRCs."""
+    monkeypatch.setitem(gpu_encode.TUNING, "sub_batch", sub_batch)
     full = torch.from_numpy(synthetic_kv(2, 2, 12, 8, seed=9)).half()
     parts = [_settled(full[:, :, :, i : i + 4], profile, token_start=i, level=3) for i in (0, 4, 8)]
     ctx = torch.cat(parts, dim=3).to(DEV)
@@ -108,6 +113,8 @@ def test_batch_of_a_context_in_one_pass(profile: CalibrationProfile) -> None:
     )
     chunks = batch.chunks()
     assert len(batch) == 3 and [c.token_start for c in chunks] == [0, 4, 8]
+    assert len(batch.parts) == (1 if sub_batch == 16 else 2)
+    assert batch.nbytes == sum(len(c.data) for c in chunks)
     for i, c in enumerate(chunks):
         assert bytes(batch.view(i)) == c.data
         ref = codec.encode_chunk(
