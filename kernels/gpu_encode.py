@@ -35,10 +35,11 @@ from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
 from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 
-# Launch shapes, the transform's dot precision and the chunks per pipelined sub-batch (measured on an
-# H200, docs/gpu.md); module-level so benchmarks can sweep them. "ieee" is float32 on the CUDA cores (as
-# the CPU's float32 GEMM); "tf32x3" (three tensor-core products) measured slower, plain "tf32" changes
-# about 1% of the coefficients.
+# Launch shapes, the transform's dot precision and the chunks per sub-batch (measured on an H200,
+# docs/gpu.md); module-level so benchmarks can sweep them. "ieee" is float32 on the CUDA cores (as the
+# CPU's float32 GEMM); "tf32x3" (three tensor-core products) measured slower, plain "tf32" changes
+# about 1% of the coefficients. Sub-batches of 16 overlapped nothing measurable and were slower for
+# SmolLM2 shapes (docs/gpu.md): 64 keeps batches up to 64 chunks whole and bounds device memory above.
 TUNING: dict[str, int | str] = {
     "bt": 64,
     "bn": 64,
@@ -47,7 +48,7 @@ TUNING: dict[str, int | str] = {
     "precision": "ieee",
     "table_bc": 64,
     "table_warps": 2,
-    "sub_batch": 16,
+    "sub_batch": 64,
 }
 _HUGE_COST = 1e300  # cost of the padding tables: never the cheapest, finite (0 * inf would be NaN)
 
@@ -117,7 +118,7 @@ def _cost_blocks(n_tables: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class EncodedBatch:
     """Packed chunks, CRCs filled in, back to back in host buffers (pinned for a CUDA encode): one
-    buffer per pipelined sub-batch."""
+    buffer per sub-batch."""
 
     parts: list[np.ndarray]  # uint8 host buffers
     where: list[tuple[int, int, int]]  # each chunk's (buffer, byte offset, byte size)
@@ -499,9 +500,10 @@ def encode_batch_gpu(
     """Encode a batch ``[B, L, 2, H, T, D]`` (any strides, e.g. ``chunk_view`` of a context) on its
     device into packed chunks in host memory (see ``EncodedBatch``).
 
-    Sub-batches of ``TUNING["sub_batch"]`` chunks are pipelined: while one is coded on the device, the
-    previous one is copied to pinned memory (a second stream) and checksummed by host threads. Every
-    option is checked before the first launch; non-finite KV raises before its sub-batch is coded.
+    Larger batches go in sub-batches of ``TUNING["sub_batch"]`` chunks (bounded device memory), each
+    copied to pinned memory on a second stream while the next is coded, and checksummed by host
+    threads. Every option is checked before the first launch; non-finite KV raises before its
+    sub-batch is coded.
     """
     starts = _check_batch(kv, profile, level, token_starts, lanes, base_step)
     B = kv.shape[0]
