@@ -171,17 +171,13 @@ class EncodeJob:
     n_words: torch.Tensor | None = None  # int32 [B * S]
     states: torch.Tensor | None = None  # int32 [B * S, lanes]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.kv.shape)
-
 
 def chunk_view(kv: torch.Tensor, chunk_tokens: int = codec.DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """The whole chunks of a context ``[L, 2, H, N, D]`` as ``[B, L, 2, H, chunk_tokens, D]``, no copy.
 
     Tokens past the last whole chunk are left out (encode them as their own, shorter batch).
     """
-    if kv.ndim != 5 or not 0 < chunk_tokens <= fmt.MAX_TOKENS:
+    if not isinstance(kv, torch.Tensor) or kv.ndim != 5 or not 0 < chunk_tokens <= fmt.MAX_TOKENS:
         raise InvalidInputError("chunk_view takes KV [layers, 2, kv_heads, tokens, head_dim] and 1..65536")
     L, two, H, N, D = kv.shape
     B = N // chunk_tokens
