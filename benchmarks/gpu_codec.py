@@ -156,6 +156,7 @@ def _decode_row(
     t_rans = events(functools.partial(gpu.launch_decode, batch), reps)
     gpu.check_status(batch)
     t_recon = events(functools.partial(gpu.launch_reconstruct, batch), reps)
+    t_both = events(functools.partial(gpu.launch_kernels, batch), reps)
     del batch, staged
     enc = "| |"
     if b in enc_batches and lanes == 32:
@@ -166,12 +167,11 @@ def _decode_row(
         t_enc = wall(run, reps=3)
         enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
     n = elt * b
-    t_k = t_rans + t_recon
     return (
         f"| {name} | {level} | {lanes} | {b} | {bits:.2f} | {t_e2e * 1e3:.2f} | {n * 2 / t_e2e / 1e9:.1f} "
         f"| {t_stage * 1e3:.2f} | {t_dev * 1e3:.3f} | {t_prep * 1e3:.3f} | {n / t_dev / 1e9:.1f} "
         f"| {n * 2 / t_dev / 1e9:.0f} "
-        f"| {t_rans * 1e3:.3f} | {t_recon * 1e3:.3f} | {n / t_k / 1e9:.1f} {enc}"
+        f"| {t_rans * 1e3:.3f} | {t_recon * 1e3:.3f} | {t_both * 1e3:.3f} | {n / t_both / 1e9:.1f} {enc}"
     )
 
 
@@ -277,6 +277,54 @@ def tune(out_dir: Path) -> None:
                 (out_dir / "gpu_tune.md").write_text("\n".join(lines) + "\n")
 
 
+DECODE_VARIANTS = [(0, 0), (1, 0), (0, 64), (1, 64), (1, 128)]  # (rans_lut8, rans_prefetch)
+
+
+def decode_variants(
+    name: str, variants: list[tuple[int, list[bytes]]], profile: CalibrationProfile, batches: list[int]
+) -> list[str]:
+    """Time the decode kernels and the device part under each (symbol lookup, prefetch) setting of
+    ``gpu.TUNING``, forced for both segment-count regimes; check every output against the first
+    setting's bits. Returns the table lines."""
+    dev = torch.device("cuda")
+    lines = [
+        "| model | lanes | chunks | rans_lut8 | rans_prefetch | rANS ms | recon ms | kernels ms "
+        "| device ms | kernels Gelt/s | same bits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    saved = dict(gpu.TUNING)
+    for lanes, streams in variants:
+        for b in batches:
+            if b > len(streams):
+                continue
+            staged = gpu.stage_chunks(streams[:b], profile, dev)
+            n = sum(h.elements for h, _ in staged.parsed)
+            ref: list[torch.Tensor] | None = None
+            for lut8, prefetch in DECODE_VARIANTS:
+                gpu.TUNING.update(rans_lut8=(lut8, lut8), rans_prefetch=(prefetch, prefetch))
+                batch = gpu.prepare_decode(staged, profile)
+                t_rans = events(functools.partial(gpu.launch_decode, batch), 5)
+                t_recon = events(functools.partial(gpu.launch_reconstruct, batch), 5)
+                t_both = events(functools.partial(gpu.launch_kernels, batch), 5)
+                outs = [o.clone() for o in gpu.launch_kernels(batch)]
+                gpu.check_status(batch)
+                t_dev = wall(functools.partial(gpu.decode_staged, staged, profile), 5)
+                ref = ref if ref is not None else outs
+                same = all(torch.equal(a, r) for a, r in zip(outs, ref, strict=True))
+                lines.append(
+                    f"| {name} | {lanes} | {b} | {lut8} | {prefetch} | {t_rans * 1e3:.3f} "
+                    f"| {t_recon * 1e3:.3f} | {t_both * 1e3:.3f} | {t_dev * 1e3:.3f} "
+                    f"| {n / t_both / 1e9:.1f} | {same} |"
+                )
+                print(lines[-1], flush=True)
+                del batch, outs
+            del staged, ref
+            torch.cuda.empty_cache()
+    gpu.TUNING.clear()
+    gpu.TUNING.update(saved)
+    return lines
+
+
 def _q_spans(batch: gpu.DecodeBatch) -> list[tuple[int, int]]:
     """Where each chunk's coefficients sit in ``batch.q`` (the rest of the buffer is never written)."""
     return [
@@ -336,7 +384,8 @@ def encode_bench(args: argparse.Namespace) -> None:
         text = "\n".join([head, *rows, "", *notes, ""])
         (out_dir / f"gpu_encode_{args.models.replace(',', '_')}.md").write_text(text)
 
-    models = [m for m in SHAPES if m.split("-")[0] in args.models.split(",")]
+    wanted = args.models.split(",")  # names from SHAPES, or their first part ("Llama")
+    models = [m for m in SHAPES if m in wanted or m.split("-")[0] in wanted]
     batches = [int(b) for b in args.batches.split(",")]
     levels = [int(v) for v in args.levels.split(",")]
     for name in models:
@@ -523,9 +572,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--max-chunks", type=int, default=64)
     parser.add_argument("--tune", action="store_true", help="sweep the kernels' launch shapes instead")
+    parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated names from SHAPES")
+    parser.add_argument("--batches", default="1,8,32,64", help="batch sizes (chunks), decode or --encode")
+    parser.add_argument(
+        "--decode-variants",
+        action="store_true",
+        help="also sweep gpu.TUNING's rANS lookup and prefetch settings (level 2, before the table rows)",
+    )
     parser.add_argument("--encode", action="store_true", help="benchmark the encoder alone, by stage")
-    parser.add_argument("--models", default="Llama,SmolLM2", help="with --encode: model shapes")
-    parser.add_argument("--batches", default="1,8,32,64", help="with --encode: chunks per batch")
     parser.add_argument(
         "--sweep", action="store_true", help="with --encode: sweep the encoder's launch shapes"
     )
@@ -562,9 +616,9 @@ def main() -> None:
                 *head,
                 "## Codec (GPU path)\n",
                 "| model | level | lanes | chunks | bits/elt | e2e ms | e2e GB/s | stage ms | device ms "
-                "| prep ms | device Gelt/s | device GB/s | rANS ms | recon ms | kernels Gelt/s "
+                "| prep ms | device Gelt/s | device GB/s | rANS ms | recon ms | kernels ms | kernels Gelt/s "
                 "| encode e2e ms | encode GB/s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *rows,
                 "\n## Baselines (same run)\n",
                 "| what | model | chunks | ms | GB/s |",
@@ -572,13 +626,17 @@ def main() -> None:
                 *base_rows,
                 "\n## Bit-exactness on this GPU (one chunk per level); staging breakdown\n",
                 *exact_rows,
+                "\n## Decode settings (gpu.TUNING), level 2\n" if variant_rows else "",
+                *variant_rows,
                 "",
             ]
         )
         (out_dir / "gpu_bench.md").write_text(text)
 
     levels = [int(v) for v in args.levels.split(",")]
-    for name, (L, H, D, _hpg, base) in SHAPES.items():
+    variant_rows: list[str] = []
+    for name in args.models.split(","):
+        L, H, D, _hpg, base = SHAPES[name]
         t0 = time.perf_counter()
         profile = make_profile(name)
         print(
@@ -591,7 +649,7 @@ def main() -> None:
         del kv
         elt = L * 2 * H * CHUNK * D
         enc_batches = [1, 8, 32] if name.startswith("Llama") else [1, 8, 64]
-        dec_batches = [b for b in (1, 8, 32, 64) if b <= max_b]
+        dec_batches = [b for b in (int(v) for v in args.batches.split(",")) if b <= max_b]
         enc_batches = [b for b in enc_batches if b <= max_b]
         # Baselines: copy of the fp16 KV, plain 8-bit dequantise.
         for b in dec_batches:
@@ -656,7 +714,7 @@ def main() -> None:
                 exact_rows.append("- " + stage_breakdown(data))
                 print(exact_rows[-1], flush=True)
             variants = [(32, data)]
-            if level == 2 and name.startswith("Llama"):
+            if (level == 2 or len(levels) == 1) and name.startswith("Llama"):
                 starts8 = [CHUNK * j for j in range(8)]
                 encs = gpu_encode.encode_chunks_gpu(
                     chunks[:8], profile, level=level, token_starts=starts8, lanes=128
@@ -666,6 +724,8 @@ def main() -> None:
                 ref = codec.decode_chunk(wide[1], profile, backend="cpu")
                 same = torch.equal(ref, codec.decode_chunk(wide[1], profile, device=dev).cpu())
                 exact_rows.append(f"- {name} level {level}, 128 lanes: GPU decode == CPU decode: {same}")
+            if args.decode_variants and not variant_rows and len(variants) > 1:
+                variant_rows.extend(decode_variants(name, variants, profile, dec_batches))
             for lanes, streams in variants:
                 for b in dec_batches:
                     if b > len(streams):

@@ -180,14 +180,8 @@ def grpc_server(store: Any) -> Iterator[str]:
 def seed(store: Any, payloads: dict[str, list[bytes]], manifest_chunks: int) -> None:
     """Per size, a context ``bench-<size>`` of ``manifest_chunks`` chunks (at level ``LEVEL``) whose
     bitstreams cycle through ``payloads[size]``: a long context's manifest without its storage."""
-    from kvwire.server.service import (
-        ChunkEntry,
-        ContextManifest,
-        LevelEntry,
-        chunk_key,
-        crc32_hex,
-        manifest_key,
-    )
+    from kvwire.manifest import ChunkEntry, ContextManifest, LevelEntry
+    from kvwire.server.service import chunk_key, crc32_hex, manifest_key
 
     rng = random.Random(0)
     for size, chunks in payloads.items():

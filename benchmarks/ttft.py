@@ -163,8 +163,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 else:
                     ids = text_tokens(tokenizer, TEXTS, n_tokens)
                     question = list(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
-                rows += measure_context(args, model, tokenizer, service, url, ids, question, device)
-                save(rows, args)  # after each context: a long run keeps what it measured
+                measure_context(args, model, tokenizer, service, url, ids, question, device, rows)
         finally:
             server.should_exit = True
             service.close()
@@ -180,7 +179,10 @@ def measure_context(
     ids: list[int],
     question: list[int],
     device: torch.device,
-) -> list[Row]:
+    rows: list[Row],
+) -> None:
+    """Measure one context at every bandwidth, appending to ``rows`` and saving after each bandwidth
+    (a long or time-limited run keeps what it measured)."""
     from kvwire.model import prefill_kv
 
     n = len(ids)
@@ -198,7 +200,6 @@ def measure_context(
     recon, q8_bytes = minmax8(kv.float().cpu())
     recon = recon.to(device=device, dtype=next(model.parameters()).dtype)
     slo = args.slo or prefill / 3
-    rows: list[Row] = []
     for gbps in args.gbps:
         rows.append(Row(n, gbps, "prefill", prefill, 0.0, 0.0, "text"))
         rows.append(minmax8_row(model, tokenizer, n, gbps, ids, question, recon, q8_bytes, device))
@@ -227,7 +228,7 @@ def measure_context(
                 f"[{n} tokens, {gbps} Gbps] {row.method:<22} TTFT {row.ttft_s:7.3f} s  ({row.levels})",
                 flush=True,
             )
-    return rows
+        save(rows, args)
 
 
 def minmax8_row(

@@ -33,8 +33,7 @@ from kvwire.errors import (
     LimitExceededError,
     NotFoundError,
 )
-from kvwire.server.jobs import Job
-from kvwire.server.service import ChunkEntry, ContextManifest, LevelEntry
+from kvwire.manifest import ChunkEntry, ContextManifest, Job, LevelEntry
 
 T = TypeVar("T")
 

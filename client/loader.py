@@ -40,7 +40,7 @@ from kvwire.errors import CorruptChunkError, InvalidInputError, KvwireError, Ser
 from kvwire.kernels import codec
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
-from kvwire.server.service import ChunkEntry, ContextManifest
+from kvwire.manifest import ChunkEntry, ContextManifest
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,11 @@ class CacheBuilder:
 
     @torch.no_grad()
     def add_text(self, chunk: ChunkEntry, token_ids: list[int]) -> None:
+        from kvwire.model import cache_kwargs
+
         self._flush()
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.cache))
         self.tokens += len(token_ids)
 
     def result(self) -> Any:
@@ -443,6 +445,7 @@ class Loader:
                 model_fingerprint=plan.manifest.model_fingerprint,
                 device=self.sink.device,
                 dtype=self.sink.dtype,
+                max_chunk_tokens=header.n_tokens,  # the manifest's count, checked above
             )
             if kv.shape[3] != chunk.token_end - chunk.token_start:
                 raise CorruptChunkError(f"chunk {chunk.index} decodes to {kv.shape[3]} tokens")

@@ -53,8 +53,7 @@ from kvwire.errors import (
 )
 from kvwire.kernels import codec
 from kvwire.kernels.profile import CalibrationProfile
-from kvwire.server.jobs import Job
-from kvwire.server.service import ChunkEntry, ContextManifest
+from kvwire.manifest import ChunkEntry, ContextManifest, Job
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +125,8 @@ def generate_answer(
     prefix; ``cache=None`` prefills them all (the full-prefill baseline). Times the first new token."""
     from transformers.generation.streamers import BaseStreamer
 
+    from kvwire.model import cache_kwargs
+
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     first_token: list[float] = []
@@ -141,7 +142,7 @@ def generate_answer(
         def end(self) -> None:
             pass
 
-    extra = {"past_key_values": cache} if cache is not None else {}
+    extra = cache_kwargs(model, cache) if cache is not None else {}
     start = time.perf_counter()
     out = model.generate(
         ids,

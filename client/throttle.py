@@ -142,6 +142,29 @@ class BandwidthTrace:
         within = (rest - self._cum[i]) / rate if rate > 0 else 0.0
         return max(t0, periods * self.duration_s + self._starts[i] + within)
 
+    def shifted(self, offset_s: float) -> BandwidthTrace:
+        """The same link seen from ``offset_s`` seconds into this trace: its time 0 is this trace's
+        ``offset_s`` (a looping trace wraps around), so a real-time run can start at any phase."""
+        if not (math.isfinite(offset_s) and offset_s >= 0):
+            raise InvalidInputError(f"trace offset must be finite and >= 0, got {offset_s}")
+        t = self._fold(offset_s)[1]
+        if t >= self.duration_s:  # non-looping, past the end: the last rate holds
+            return BandwidthTrace([(1.0, self.segments[-1][1])], loop=False, name=f"{self.name}@{offset_s:g}")
+        head, tail = [], []
+        for start, (duration_s, gbps) in zip(self._starts, self.segments, strict=False):
+            end = start + duration_s
+            if end <= t:
+                head.append((duration_s, gbps))
+            elif start >= t:
+                tail.append((duration_s, gbps))
+            else:  # the segment the offset falls in: split it
+                tail.append((end - t, gbps))
+                head.append((t - start, gbps))
+        segments = tail + head if self.loop else tail
+        return BandwidthTrace(
+            [(d, g) for d, g in segments if d > 0], loop=self.loop, name=f"{self.name}@{offset_s:g}"
+        )
+
     def _fold(self, t: float) -> tuple[int, float]:
         if not self.loop or t < self.duration_s:
             return 0, t

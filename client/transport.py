@@ -28,8 +28,7 @@ from kvwire.errors import (
     RateLimitError,
     ServerUnavailableError,
 )
-from kvwire.server.jobs import Job
-from kvwire.server.service import ContextManifest
+from kvwire.manifest import ContextManifest, Job
 
 DEFAULT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0

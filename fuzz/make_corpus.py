@@ -12,6 +12,7 @@ when the format changes (``--force`` overwrites the profiles, whose fit depends 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import random
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from fuzz.targets import CORPUS_DIR, HEADER_FIELDS, PROFILE_DIR, fix_crc, profiles, set_header_field
 from kvwire.kernels import codec
+from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
 
 
@@ -83,6 +85,20 @@ def valid_chunks(prof: CalibrationProfile, seed: int) -> list[bytes]:
     return out
 
 
+def huge_dead_chunk(prof: CalibrationProfile) -> bytes:
+    """The all-dead-components chunk declaring the most tokens the format allows (65,536), CRC fixed:
+    a few hundred bytes that decode to millions of values, where the decode-size limit bites
+    (``codec.default_max_chunk_tokens``; docs/reliability.md, "Fuzzing")."""
+    x = torch.from_numpy(synthetic_kv(prof.layers, prof.kv_heads, 6, prof.head_dim, seed=2))
+    h, sec = fmt.parse_chunk(codec.encode_chunk(x, prof, token_start=1000).data)
+    zeros = np.zeros((h.segments, h.group_dim, h.n_tokens), dtype=np.int32)
+    dead = dataclasses.replace(sec, classes=np.zeros_like(sec.classes))  # every component at its mean
+    means = torch.from_numpy(codec.reconstruct(h, dead, zeros, prof))  # so the encoder codes nothing
+    data = codec.encode_chunk(means, prof, level=2, token_start=1000).data
+    assert fmt.read_header(data).n_words == 0
+    return set_header_field(data, 28, "<I", fmt.MAX_TOKENS)
+
+
 def damaged(chunk: bytes, rng: random.Random) -> list[bytes]:
     """Truncations, extensions, raw and CRC-fixed bit flips and header edits of a valid chunk."""
     out = [chunk[: rng.randrange(len(chunk))], chunk + b"\0" * rng.randrange(1, 9)]
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, prof in enumerate(profiles()):
         chunks += valid_chunks(prof, seed=100 * i)
     seeds = chunks + [d for c in chunks[::4] for d in damaged(c, rng)]
+    seeds += [huge_dead_chunk(prof) for prof in profiles()]
     write_corpus(CORPUS_DIR / "chunk", seeds)
     prof_seeds = [p.read_bytes() for p in sorted(PROFILE_DIR.glob("*.safetensors"))]
     for data in list(prof_seeds):

@@ -6,7 +6,7 @@ exception type, a broken invariant raising ``FuzzFinding``) is a finding. Hangs 
 caught by the fuzzer's per-input timeout and RSS limit (``fuzz/run.py``).
 
 - ``check_decode``: the CPU decode path, ``codec.decode_chunk`` (header, sections, CRC, profile checks,
-  the numba rANS decoder, reconstruction, raw rows).
+  the decode-size limit, the numba rANS decoder, reconstruction, raw rows).
 - ``check_gpu_validation``: what the GPU path runs before a Triton launch, without a GPU: the shared
   ``codec.validate_chunk`` plus ``gpu.prepare_decode`` on CPU tensors, then every bound the decode kernel
   relies on (word ranges, table indices, lane counts, output offsets) is asserted on the prepared batch.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvwire.errors import KvwireError
+from kvwire.errors import KvwireError, LimitExceededError
 from kvwire.kernels import codec
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
@@ -38,6 +38,9 @@ FUZZ_DIR = Path(__file__).resolve().parent
 PROFILE_DIR = FUZZ_DIR / "profiles"
 CORPUS_DIR = FUZZ_DIR / "corpus"
 TARGETS = ("decode", "gpu_header", "profile")
+# The decode limit (``codec.decode_chunk(max_chunk_tokens=)``) for one input in three: the seeds hold
+# chunks of 1, 5, 6, 19 and 65,536 tokens, so both sides of the limit are reached.
+FUZZ_MAX_CHUNK_TOKENS = 16
 CRC_OFFSET = fmt.HEADER_SIZE - 4
 
 # (offset, struct format) of every header field a structured mutation may rewrite (docs/format.md).
@@ -125,15 +128,24 @@ def _check_tensor(y: torch.Tensor, data: bytes) -> fmt.ChunkHeader:
 def check_decode(data: bytes) -> torch.Tensor | None:
     """CPU decode: a tensor of the header's shape and dtype, or a typed error (returns None).
 
-    Inputs of odd length are decoded naming the profile's model, as a client that knows it does.
+    Inputs of odd length are decoded naming the profile's model, as a client that knows it does; inputs
+    whose length is a multiple of 3 under a decode limit of ``FUZZ_MAX_CHUNK_TOKENS`` tokens (the others
+    under the profile's default), and the limit must hold exactly: refused only above it.
     """
     prof = profile_for(data)
     model = prof.model_fingerprint if len(data) % 2 else None
+    limit = FUZZ_MAX_CHUNK_TOKENS if len(data) % 3 == 0 else None
+    allowed = codec.default_max_chunk_tokens(prof) if limit is None else limit
     try:
-        y = codec.decode_chunk(data, prof, model_fingerprint=model, backend="cpu")
+        y = codec.decode_chunk(data, prof, model_fingerprint=model, backend="cpu", max_chunk_tokens=limit)
+    except LimitExceededError:
+        if fmt.read_header(data).n_tokens <= allowed:  # the limit is checked after the header parsed
+            raise FuzzFinding("a chunk within the decode limit was refused as above it") from None
+        return None
     except KvwireError:
         return None
-    _check_tensor(y, data)
+    if _check_tensor(y, data).n_tokens > allowed:
+        raise FuzzFinding("a chunk above the decode limit was decoded")
     return y
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvwire.errors import CorruptChunkError, InvalidInputError, ModelMismatchError
+from kvwire.errors import CorruptChunkError, InvalidInputError, LimitExceededError, ModelMismatchError
 from kvwire.kernels import format as fmt
 from kvwire.kernels import rans
 from kvwire.kernels.profile import CalibrationProfile, check_profile_matches
@@ -46,6 +46,10 @@ CODEC_VERSION = fmt.FORMAT_VERSION
 # in 1e-6..1e6, times a layer weight in 2**-40..2**40) need about -53..68; capping the negative side at
 # -64 keeps every reconstructed coefficient below 2**115, so float32 decoding never overflows.
 MIN_STEP_EXP, MAX_STEP_EXP = -64, 120
+# Decoded bytes (float32) one chunk may ask for unless the caller allows more. A chunk whose components
+# are all dead carries no coded words, so a few kilobytes can declare up to fmt.MAX_TOKENS tokens; this
+# caps what decoding such a chunk allocates (output plus an int32 coefficient buffer of the same size).
+DEFAULT_MAX_DECODE_BYTES = 512 * 2**20
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -282,6 +286,28 @@ def _raw_token_bytes(kv: torch.Tensor | np.ndarray, raw: np.ndarray, dtype: str)
     return rows.view(torch.uint8).numpy().reshape(layer.size, t.shape[2], t.shape[4], fmt.DTYPE_BYTES[dtype])
 
 
+def default_max_chunk_tokens(profile: CalibrationProfile) -> int:
+    """Tokens one chunk may declare unless the caller allows more: as many as decode to
+    ``DEFAULT_MAX_DECODE_BYTES`` of float32 with the profile's layout, and never fewer than a default
+    chunk (``DEFAULT_CHUNK_TOKENS``) nor more than the format allows. For example 11,650 tokens for
+    SmolLM2-135M (30 layers, 3 KV heads, head dim 64), 2,048 for Llama-3-8B's shape, 819 for 70B's."""
+    per_token = profile.layers * 2 * profile.kv_heads * profile.head_dim * 4
+    return max(DEFAULT_CHUNK_TOKENS, min(fmt.MAX_TOKENS, DEFAULT_MAX_DECODE_BYTES // max(1, per_token)))
+
+
+def check_chunk_tokens(n_tokens: int, profile: CalibrationProfile, max_chunk_tokens: int | None) -> None:
+    """Raise ``LimitExceededError`` if a chunk declares more than ``max_chunk_tokens`` tokens (None: the
+    profile's default, :func:`default_max_chunk_tokens`); ``InvalidInputError`` for a bad limit."""
+    limit = default_max_chunk_tokens(profile) if max_chunk_tokens is None else max_chunk_tokens
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInputError(f"max_chunk_tokens must be a positive int, not {max_chunk_tokens!r}")
+    if n_tokens > limit:
+        raise LimitExceededError(
+            f"chunk declares {n_tokens} tokens, above the decode limit of {limit} "
+            "(pass max_chunk_tokens to allow more, e.g. the manifest's count)"
+        )
+
+
 def decode_chunk(
     data: bytes | memoryview,
     profile: CalibrationProfile,
@@ -290,6 +316,7 @@ def decode_chunk(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    max_chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Decode one chunk into ``[layers, 2, kv_heads, tokens, head_dim]`` (keys post-RoPE).
 
@@ -297,14 +324,21 @@ def decode_chunk(
     ProfileMismatchError (encoded with another profile) or ModelMismatchError (``model_fingerprint``
     given and different from the chunk's). ``backend`` "gpu" runs the Triton kernels (kvwire.kernels.gpu,
     bit-identical output); "auto" does so when ``device`` is CUDA and Triton is installed.
+    A chunk declaring more than ``max_chunk_tokens`` tokens (default: :func:`default_max_chunk_tokens`)
+    raises LimitExceededError before anything is allocated for it.
     """
     if _use_gpu(backend, device):
         from kvwire.kernels import gpu
 
         return gpu.decode_chunks_gpu(
-            [data], profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype
+            [data],
+            profile,
+            model_fingerprint=model_fingerprint,
+            device=device,
+            dtype=dtype,
+            max_chunk_tokens=max_chunk_tokens,
         )[0]
-    h, sec = validate_chunk(data, profile, model_fingerprint)
+    h, sec = validate_chunk(data, profile, model_fingerprint, max_chunk_tokens=max_chunk_tokens)
     q = reconstruct_coefficients(h, sec)
     out = reconstruct(h, sec, q, profile)
     result = torch.from_numpy(out)
@@ -319,14 +353,17 @@ def validate_chunk(
     profile: CalibrationProfile,
     model_fingerprint: str | None = None,
     verify_crc: bool = True,
+    max_chunk_tokens: int | None = None,
 ) -> tuple[fmt.ChunkHeader, fmt.ChunkSections]:
     """Parse a chunk and check it against the profile and model; every check that precedes decoding.
 
     Both device paths call this before any array is built or kernel launched (the GPU path with
-    ``verify_crc=False``, checking the checksums of a batch in threads before its upload).
+    ``verify_crc=False``, checking the checksums of a batch in threads before its upload), so the
+    decode-size limit (``max_chunk_tokens``, see :func:`check_chunk_tokens`) holds on both.
     """
     h, sec = fmt.parse_chunk(data, verify_crc=verify_crc)
     check_profile_matches(profile, h.profile_digest)
+    check_chunk_tokens(h.n_tokens, profile, max_chunk_tokens)
     if model_fingerprint is not None and h.model_fingerprint != fingerprint_bytes(model_fingerprint):
         want = fingerprint_bytes(model_fingerprint).hex()
         raise ModelMismatchError(f"chunk belongs to model {h.model_fingerprint.hex()}, not {want}")
@@ -524,32 +561,53 @@ def decode_chunks(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    max_chunk_tokens: int | None = None,
+    max_total_tokens: int | None = None,
 ) -> torch.Tensor:
     """Decode consecutive chunks and join them along the token axis; checks they are contiguous.
 
-    On the GPU path all chunks are validated first and then decoded together (one rANS launch).
+    Every header is read first: a chunk above ``max_chunk_tokens`` (see :func:`decode_chunk`), or all
+    of them above ``max_total_tokens`` (None: no limit beyond the per-chunk one), raises
+    LimitExceededError before any chunk is decoded. On the GPU path all chunks are validated first and
+    then decoded together (one rANS launch).
     """
     chunks = list(chunks)
     if not chunks:
         raise InvalidInputError("no chunks to decode")
-    expect = None
+    expect, total = None, 0
     for data in chunks:
         h = fmt.read_header(data)
         if expect is not None and h.token_start != expect:
             raise InvalidInputError(
                 f"chunks are not contiguous: expected token {expect}, got {h.token_start}"
             )
-        expect = h.token_start + h.n_tokens
+        check_chunk_tokens(h.n_tokens, profile, max_chunk_tokens)
+        expect, total = h.token_start + h.n_tokens, total + h.n_tokens
+    if max_total_tokens is not None and total > max_total_tokens:
+        raise LimitExceededError(
+            f"chunks declare {total} tokens in all, above the limit of {max_total_tokens}"
+        )
     if _use_gpu(backend, device):
         from kvwire.kernels import gpu
 
         parts = gpu.decode_chunks_gpu(
-            chunks, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype
+            chunks,
+            profile,
+            model_fingerprint=model_fingerprint,
+            device=device,
+            dtype=dtype,
+            max_chunk_tokens=max_chunk_tokens,
         )
     else:
         parts = [
             decode_chunk(
-                data, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype, backend="cpu"
+                data,
+                profile,
+                model_fingerprint=model_fingerprint,
+                device=device,
+                dtype=dtype,
+                backend="cpu",
+                max_chunk_tokens=max_chunk_tokens,
             )
             for data in chunks
         ]

@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,19 @@ from kvwire.kernels.transform import rope_tables
 
 # Launch shapes (measured on an H200, see docs/gpu.md); module-level so that benchmarks can sweep them.
 # rans_warps 0: chosen per launch (wide lane vectors over several warps below rans_few segments).
-TUNING = {"rans_segs": 1, "rans_warps": 0, "rans_few": 2048, "recon_bt": 64, "recon_warps": 4}
+# rans_lut8 and rans_prefetch are pairs: (below rans_few segments, at or above). rans_lut8: symbol lookup
+# through the bank's uint8 table (else one packed int32 per slot); rans_prefetch: words ahead of each
+# segment's stream position the rANS kernel touches every step (0: off). Both cut one chunk's rANS time
+# by 15% and slowed 64 chunks by 2 to 7% (docs/gpu.md), hence per regime.
+TUNING: dict[str, Any] = {
+    "rans_segs": 1,
+    "rans_warps": 0,
+    "rans_few": 2048,
+    "rans_lut8": (1, 0),
+    "rans_prefetch": (64, 0),
+    "recon_bt": 64,
+    "recon_warps": 4,
+}
 _STATUS_TEXT = {1: "bad initial state", 2: "overrun", 3: "unread words", 4: "bad final state"}
 
 
@@ -171,6 +184,7 @@ def stage_chunks(
     profile: CalibrationProfile,
     device: torch.device,
     model_fingerprint: str | None = None,
+    max_chunk_tokens: int | None = None,  # decode-size limit, see codec.check_chunk_tokens
 ) -> StagedBatch:
     """Validate every chunk (header, sizes, profile, checksum) and upload all their bytes at once.
 
@@ -179,7 +193,12 @@ def stage_chunks(
     its bytes are there, overlapping the later chunks' checksums. A bad checksum raises before the
     caller can launch anything. The pinned buffer keeps the size of the largest batch seen.
     """
-    parsed = [codec.validate_chunk(c, profile, model_fingerprint, verify_crc=False) for c in chunks]
+    parsed = [
+        codec.validate_chunk(
+            c, profile, model_fingerprint, verify_crc=False, max_chunk_tokens=max_chunk_tokens
+        )
+        for c in chunks
+    ]
     views = [memoryview(c).cast("B") for c in chunks]
     base = np.cumsum([0] + [len(v) for v in views]).tolist()
     total = base[-1]
@@ -252,6 +271,7 @@ def decode_chunks_gpu(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    max_chunk_tokens: int | None = None,  # decode-size limit, see codec.check_chunk_tokens
 ) -> list[torch.Tensor]:
     """Decode many chunks with one rANS launch and one reconstruction launch; each ``[L, 2, H, T, D]``.
 
@@ -261,7 +281,8 @@ def decode_chunks_gpu(
     if not chunks:
         return []
     dev = _resolve_device(device)
-    return decode_staged(stage_chunks(chunks, profile, dev, model_fingerprint), profile, dtype=dtype)
+    staged = stage_chunks(chunks, profile, dev, model_fingerprint, max_chunk_tokens)
+    return decode_staged(staged, profile, dtype=dtype)
 
 
 def decode_staged(
@@ -269,34 +290,32 @@ def decode_staged(
 ) -> list[torch.Tensor]:
     """Decode a batch whose bytes are already on the device (see ``stage_chunks``)."""
     batch = prepare_decode(staged, profile)
-    launch_decode(batch)
     if batch.fused:
-        outs = launch_reconstruct(batch)
-        check_status(batch)
+        outs = launch_kernels(batch)
     else:
+        launch_decode(batch)
         check_status(batch)
         outs = _reconstruct_unfused(batch, profile)
     results = []
-    for i, out in enumerate(outs):
-        _overwrite_raw_staged(out, staged, i)
+    for i, out in enumerate(outs):  # queued behind the kernels: the host work overlaps them
+        _overwrite_raw_staged(out, staged, i, batch.raw_rows[i])
         results.append(out if dtype is None or dtype == out.dtype else out.to(dtype))
+    if batch.fused:
+        check_status(batch)  # the one synchronisation; a corrupt segment discards the results
     return results
 
 
-def _overwrite_raw_staged(result: torch.Tensor, staged: StagedBatch, i: int) -> None:
-    """Put a chunk's raw rows in place, read straight from its bytes on the device (no upload)."""
+def _overwrite_raw_staged(result: torch.Tensor, staged: StagedBatch, i: int, where: torch.Tensor) -> None:
+    """Put a chunk's raw rows in place with one indexed copy: values read straight from its bytes on the
+    device, positions ``where`` (int64 [2, n_raw] on the device, from ``prepare_decode``)."""
     h = staged.parsed[i][0]
     if h.n_raw == 0:
         return
-    off = fmt.section_offsets(h)
-    base = staged.base[i]
-    index = staged.buf[base + off["raw_index"] : base + off["raw_index"] + 4 * h.n_raw].view(torch.int32)
+    off = fmt.section_offsets(h)["raw_values"] + staged.base[i]
     nbytes = h.n_raw * h.kv_heads * h.head_dim * fmt.DTYPE_BYTES[h.dtype]
-    values = staged.buf[base + off["raw_values"] : base + off["raw_values"] + nbytes].view(result.dtype)
-    idx = index.to(torch.int64)  # validated on the host: increasing, below layers * 2 * tokens
-    layer, rest = idx // (2 * h.n_tokens), idx % (2 * h.n_tokens)
-    kv, tok = rest // h.n_tokens, rest % h.n_tokens
-    result[layer, kv, :, tok, :] = values.view(h.n_raw, h.kv_heads, h.head_dim)
+    values = staged.buf[off : off + nbytes].view(result.dtype).view(h.n_raw, h.kv_heads, h.head_dim)
+    rows = result.view(h.layers * 2, h.kv_heads, h.n_tokens, h.head_dim)
+    rows[where[0], :, where[1], :] = values
 
 
 @dataclass(frozen=True)
@@ -323,6 +342,7 @@ class DecodeBatch:
     rope: bool
     dp: _DeviceProfile
     q_base: list[int]  # each chunk's first element in ``q``
+    raw_rows: list[torch.Tensor]  # int64 [2, n_raw] per chunk: each raw row's (layer * 2 + kv, token)
 
 
 def _fusable(profile: CalibrationProfile) -> bool:
@@ -332,77 +352,106 @@ def _fusable(profile: CalibrationProfile) -> bool:
 
 
 def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBatch:
-    """Per-segment metadata for the kernels, computed on the host from the headers, in two uploads."""
+    """Per-segment metadata for the kernels, computed on the host from the headers, in one upload.
+
+    Vectorised over the batch: every chunk has the profile's segments and group dimension (checked by
+    ``validate_chunk``), so the metadata is a few numpy broadcasts over [chunks, segments] whatever the
+    batch size. The per-component classes are read in place from the chunk bytes on the device.
+    """
     parsed = staged.parsed
     dev = staged.buf.device
     dp = _device_profile(profile, dev)
     h0 = parsed[0][0]
-    d, G, H, D = h0.group_dim, h0.groups, h0.kv_heads, h0.head_dim
-    n_seg = [h.segments for h, _ in parsed]
-    S = sum(n_seg)
-    rans_meta = np.empty((S, 6), dtype=np.int64)
-    recon_meta = np.empty((S, 4), dtype=np.int64)
-    scale = np.empty(S, dtype=np.float64)
+    d, G, H, D, SP = h0.group_dim, h0.groups, h0.kv_heads, h0.head_dim, h0.segments
+    B = len(parsed)
+    S = B * SP
+    base = np.asarray(staged.base, dtype=np.int64)
+    lanes = np.array([h.lanes for h, _ in parsed], dtype=np.int64)
+    tokens = np.array([h.n_tokens for h, _ in parsed], dtype=np.int64)
+    sections: dict[int, dict[str, int]] = {}  # the sections up to the words depend only on the lanes
+    for h, _ in parsed:
+        if h.lanes not in sections:
+            sections[h.lanes] = fmt.section_offsets(h)
+    off = {
+        k: np.array([sections[h.lanes][k] for h, _ in parsed], dtype=np.int64)
+        for k in ("classes", "states", "words")
+    }
+    q_base = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(SP * d * tokens, out=q_base[1:])
     out_base: list[int] = []
-    cos, sin, rows = _rope_rows(staged, profile)
-    s0, q0 = 0, 0
-    q_base: list[int] = []
     out_pos: dict[str, int] = {}
-    for i, (h, sec) in enumerate(parsed):
-        off = fmt.section_offsets(h)
-        seg = np.arange(h.segments, dtype=np.int64)
-        s1 = s0 + h.segments
-        offsets = sec.offsets.astype(np.int64)
-        w0 = (staged.base[i] + off["words"]) // 2
-        rans_meta[s0:s1, 0] = w0 + offsets[:-1]
-        rans_meta[s0:s1, 1] = w0 + offsets[1:]
-        rans_meta[s0:s1, 2] = (staged.base[i] + off["states"]) // 4 + seg * h.lanes
-        rans_meta[s0:s1, 3] = h.lanes
-        rans_meta[s0:s1, 4] = h.n_tokens
-        rans_meta[s0:s1, 5] = q0 + seg * d * h.n_tokens
-        q_base.append(q0)
+    for h, _ in parsed:
         o = out_pos.get(h.dtype, 0)
         out_base.append(o)
         out_pos[h.dtype] = o + h.elements
-        recon_meta[s0:s1, 0] = rans_meta[s0:s1, 5]
-        recon_meta[s0:s1, 1] = o + ((seg // G) * H + (seg % G) * (H // G)) * h.n_tokens * D
-        recon_meta[s0:s1, 2] = h.n_tokens
-        recon_meta[s0:s1, 3] = rows[i]
-        scale[s0:s1] = np.ldexp(
-            sec.step_mant.astype(np.float64), -(sec.step_exp.astype(np.int64) + dp.basis_exp)
-        )
-        s0, q0 = s1, q0 + h.segments * d * h.n_tokens
-    meta = np.concatenate([rans_meta.ravel(), recon_meta.ravel(), scale.view(np.int64)])
+    cos, sin, rows = _rope_rows(staged, profile)
+    # One int64 upload: rans [S, 6], recon [S, 4], scale [S] (float64 bits), classes' byte positions [B],
+    # then per chunk with raw rows their (layer * 2 + kv, token) positions [2, n_raw].
+    raw_at: list[int] = []
+    pos = 11 * S + B
+    for h, _ in parsed:
+        raw_at.append(pos)
+        pos += 2 * h.n_raw
+    meta = np.empty(pos, dtype=np.int64)
+    for (h, sec), at in zip(parsed, raw_at, strict=True):
+        if h.n_raw:  # raw_index = (layer * 2 + kv) * tokens + token, increasing, in range (validated)
+            lk, tok = np.divmod(sec.raw_index.astype(np.int64), h.n_tokens)
+            meta[at : at + 2 * h.n_raw] = np.concatenate([lk, tok])
+    rans_meta = meta[: 6 * S].reshape(B, SP, 6)
+    recon_meta = meta[6 * S : 10 * S].reshape(B, SP, 4)
+    seg = np.arange(SP, dtype=np.int64)[None, :]
+    offsets = np.stack([sec.offsets for _, sec in parsed]).astype(np.int64)  # [B, SP + 1]
+    w0 = ((base + off["words"]) // 2)[:, None]
+    rans_meta[..., 0] = w0 + offsets[:, :-1]
+    rans_meta[..., 1] = w0 + offsets[:, 1:]
+    rans_meta[..., 2] = ((base + off["states"]) // 4)[:, None] + seg * lanes[:, None]
+    rans_meta[..., 3] = lanes[:, None]
+    rans_meta[..., 4] = tokens[:, None]
+    rans_meta[..., 5] = q_base[:-1, None] + seg * d * tokens[:, None]
+    recon_meta[..., 0] = rans_meta[..., 5]
+    head0 = (seg // G) * H + (seg % G) * (H // G)  # each segment's first head in [L * 2 * H]
+    recon_meta[..., 1] = np.asarray(out_base, dtype=np.int64)[:, None] + head0 * (tokens * D)[:, None]
+    recon_meta[..., 2] = tokens[:, None]
+    recon_meta[..., 3] = np.asarray(rows, dtype=np.int64)[:, None]
+    mant = np.stack([sec.step_mant for _, sec in parsed]).astype(np.float64)
+    exp = np.stack([sec.step_exp for _, sec in parsed]).astype(np.int64) + dp.basis_exp[None, :]
+    meta[10 * S : 11 * S].view(np.float64)[:] = np.ldexp(mant, -exp).ravel()
+    meta[11 * S : 11 * S + B] = base + off["classes"]
     meta_d = torch.from_numpy(meta).to(dev)
-    class_parts = [  # each chunk's classes, viewed in its bytes on the device
-        staged.buf[b + fmt.section_offsets(h)["classes"] :][: h.segments * d].view(h.segments, d)
-        for (h, _), b in zip(parsed, staged.base, strict=True)
-    ]
-    classes = class_parts[0] if len(class_parts) == 1 else torch.cat(class_parts)
+    if B == 1:  # the classes, viewed in the chunk's bytes on the device
+        pos = int(meta[11 * S])
+        classes = staged.buf[pos : pos + SP * d].view(SP, d)
+    else:  # gathered from the bytes with one index op
+        idx = meta_d[11 * S : 11 * S + B, None] + torch.arange(SP * d, device=dev)[None, :]
+        classes = staged.buf[idx.view(-1)].view(S, d)
     live, n_live = _live_lists(classes)
     fused = _fusable(profile)
+    q0 = int(q_base[-1])
     q = (torch.empty if fused else torch.zeros)(q0 + 1, dtype=torch.int32, device=dev)
     return DecodeBatch(
         staged=staged,
         rans_meta=meta_d[: 6 * S].view(S, 6),
         recon_meta=meta_d[6 * S : 10 * S].view(S, 4),
-        scale=meta_d[10 * S :].view(torch.float64),
+        scale=meta_d[10 * S : 11 * S].view(torch.float64),
         classes=classes,
         live=live,
         n_live=n_live,
         q=q,
         status=torch.empty(S, dtype=torch.int32, device=dev),
-        n_seg=n_seg,
+        n_seg=[SP] * B,
         out_base=out_base,
         cos=cos,
         sin=sin,
         d=d,
-        max_lanes=max(h.lanes for h, _ in parsed),
-        max_tokens=max(h.n_tokens for h, _ in parsed),
+        max_lanes=int(lanes.max()),
+        max_tokens=int(tokens.max()),
         fused=fused,
         rope=profile.has_rope,
         dp=dp,
-        q_base=q_base,
+        q_base=q_base[:-1].tolist(),
+        raw_rows=[
+            meta_d[a : a + 2 * h.n_raw].view(2, h.n_raw) for (h, _), a in zip(parsed, raw_at, strict=True)
+        ],
     )
 
 
@@ -459,6 +508,30 @@ def _packed_table(device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed)).to(device)
 
 
+@functools.cache
+def _lut8_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank's uint8 slot->symbol table [n_tables, PROB_SCALE] and int32 freq | cum << 13 per
+    (table, symbol) [n_tables, 64], uploaded once (the kernel's ``LUT8`` lookup)."""
+    bank = table_bank()
+    fc = np.zeros((bank.n_tables, 64), dtype=np.int64)
+    fc[:, : rans.NUM_SYMBOLS] = bank.freq.astype(np.int64) | (bank.cum.astype(np.int64) << 13)
+    lut = torch.from_numpy(np.ascontiguousarray(bank.lut, dtype=np.uint8)).to(device)
+    return lut, torch.from_numpy(fc.astype(np.int32)).to(device)
+
+
+_SINKS: dict[str, torch.Tensor] = {}
+
+
+def _sink(device: torch.device, n: int) -> torch.Tensor:
+    """A scratch int32 buffer of at least ``n`` for the rANS kernel's prefetch results (never read; any
+    thread may overwrite it at any time)."""
+    sink = _SINKS.get(str(device))
+    if sink is None or sink.numel() < n:
+        sink = torch.empty(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _SINKS[str(device)] = sink
+    return sink
+
+
 def launch_decode(batch: DecodeBatch) -> None:
     """Run the rANS decode kernel over every segment of the batch (asynchronous)."""
     import triton
@@ -473,48 +546,60 @@ def launch_decode(batch: DecodeBatch) -> None:
     # for occupancy (measured, docs/gpu.md).
     few = TUNING["rans_few"] > S
     warps = TUNING["rans_warps"] or (max(1, min(4, block // 32)) if few else 1)
+    lut8 = bool(TUNING["rans_lut8"][0 if few else 1])
+    prefetch = int(TUNING["rans_prefetch"][0 if few else 1])
+    if lut8:
+        table, symtab = _lut8_tables(buf.device)
+    else:
+        table = symtab = _packed_table(buf.device)
     tr.decode_kernel[(triton.cdiv(S, segs),)](
         buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
-        batch.classes, batch.q, _packed_table(buf.device), batch.status, S, batch.d,
-        SEGS=segs, BLOCK=block, num_warps=warps, **tr.DECODE_CONSTANTS,
+        batch.classes, batch.q, table, symtab, batch.status, _sink(buf.device, S), S, batch.d,
+        SEGS=segs, BLOCK=block, LUT8=lut8, PREFETCH=prefetch, num_warps=warps, **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 
 def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
-    """One reconstruction launch per output dtype in the batch; each chunk's ``[L, 2, H, T, D]`` view."""
+    """Reconstruct every chunk (after ``launch_decode``), one launch per run of consecutive chunks with
+    the same dtype; each chunk's ``[L, 2, H, T, D]`` view into one output buffer per dtype."""
     import triton
 
     from kvwire.kernels import triton_recon as trc
 
     parsed = batch.staged.parsed
-    dev = batch.q.device
     h0 = parsed[0][0]
     D, d, SP, G = h0.head_dim, h0.group_dim, h0.segments, h0.groups
     sizes: dict[str, int] = {}
     for (h, _), o in zip(parsed, batch.out_base, strict=True):
         sizes[h.dtype] = max(sizes.get(h.dtype, 0), o + h.elements)
+    dev = batch.q.device
     outs = {name: torch.empty(n, dtype=codec._TORCH_DTYPES[name], device=dev) for name, n in sizes.items()}
     dp = batch.dp
     BT = TUNING["recon_bt"]
-    for name, out in outs.items():
-        sel = [i for i, (h, _) in enumerate(parsed) if h.dtype == name]
-        first = sum(batch.n_seg[: sel[0]])
-        last = sum(batch.n_seg[: sel[-1] + 1])
-        if len(sel) != sel[-1] - sel[0] + 1:  # dtypes interleaved: one launch per chunk
-            spans = [(sum(batch.n_seg[:i]), sum(batch.n_seg[: i + 1])) for i in sel]
-        else:
-            spans = [(first, last)]
-        for a, b in spans:
-            grid = (triton.cdiv(batch.max_tokens, BT), b - a, h0.heads_per_group)
-            trc.reconstruct_kernel[grid](
-                batch.q, batch.recon_meta[a:b], batch.scale[a:b], batch.n_live[a:b], batch.classes[a:b],
-                dp.b0, dp.b1, dp.mean, batch.cos, batch.sin, out, d, SP, G,
-                HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
-                HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=TUNING["recon_warps"],
-                enable_fp_fusion=False,
-            )  # fmt: skip
+    i = 0
+    while i < len(parsed):
+        k = i + 1
+        while k < len(parsed) and parsed[k][0].dtype == parsed[i][0].dtype:
+            k += 1
+        a, b = i * SP, k * SP  # every chunk has the profile's SP segments
+        grid = (triton.cdiv(batch.max_tokens, BT), b - a, h0.heads_per_group)
+        trc.reconstruct_kernel[grid](
+            batch.q, batch.recon_meta[a:b], batch.scale[a:b], batch.n_live[a:b], batch.classes[a:b],
+            dp.b0, dp.b1, dp.mean, batch.cos, batch.sin, outs[parsed[i][0].dtype], d, SP, G,
+            HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
+            HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=TUNING["recon_warps"],
+            enable_fp_fusion=False,
+        )  # fmt: skip
+        i = k
     views = zip(parsed, batch.out_base, strict=True)
     return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]
+
+
+def launch_kernels(batch: DecodeBatch) -> list[torch.Tensor]:
+    """Both kernels over the batch, one launch each (asynchronous); each chunk's ``[L, 2, H, T, D]``
+    view. (Groups of chunks overlapping the two kernels on two streams were slower, docs/gpu.md.)"""
+    launch_decode(batch)
+    return launch_reconstruct(batch)
 
 
 def check_status(batch: DecodeBatch) -> None:

@@ -10,6 +10,12 @@ when the state *before* the first read was below ``2**nb`` (the read word only f
 shift throws away), or, without a first read, when ``state >> nb < 2**16``. So one exclusive prefix
 sum of counts in {0, 1, 2} per step places every read.
 
+Symbol lookup, two ways (``LUT8``, a launch constant): one int32 per table slot packing ``symbol |
+freq << 6 | (slot - cum) << 19`` (one load, but the 79-table bank is 1.3 MB and its random reads miss
+L1), or the bank's own uint8 slot->symbol table (4 KiB per table, 316 KiB in all) followed by the
+symbol's ``freq | cum << 13`` from a 20 KiB table (two loads that mostly hit L1). Same arithmetic either
+way.
+
 Import this module only where Triton is installed; ``TRITON_INTERPRET=1`` (read when this module is
 imported) runs the kernels on CPU tensors.
 """
@@ -38,12 +44,16 @@ def decode_kernel(
     n_live_ptr,  # int32 [S]
     classes_ptr,  # uint8 [S, D]
     out_ptr,  # int32: segment s's [tokens, D] block at its out offset (dead columns untouched)
-    table_ptr,  # int32 [n_tables, PROB_SCALE]: packed symbol | freq << 6 | (slot - cum) << 19
+    table_ptr,  # LUT8: uint8 [n_tables, PROB_SCALE] symbols; else int32, packed (see module docstring)
+    symtab_ptr,  # int32 [n_tables, 64]: freq | cum << 13 (read with LUT8 only)
     status_ptr,  # int32 [S]
+    sink_ptr,  # int32 [S]: receives the prefetched words' XOR (unused; keeps the loads alive)
     S,
     D,
     SEGS: tl.constexpr,  # segments per program, each its own row of lanes
     BLOCK: tl.constexpr,
+    LUT8: tl.constexpr,
+    PREFETCH: tl.constexpr,  # words ahead of the stream position to touch each step (0: none)
     PROB_BITS: tl.constexpr,
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
@@ -66,11 +76,18 @@ def decode_kernel(
     x = tl.load(states_ptr + state_base[:, None] + g[None, :], mask=lane_on, other=65536)
     x = x.to(tl.uint32, bitcast=True)
     status = tl.where(tl.sum((x < 65536).to(tl.int32), axis=1) > 0, 1, 0)
-    overrun = ptr < 0  # False, [SEGS]
     n_blocks = tl.cdiv(n_live, tl.maximum(active, 1))
     max_blocks = tl.max(n_blocks, axis=0)
     max_tok = tl.max(n_tok, axis=0)
     zero = tl.zeros((SEGS, BLOCK), tl.uint32)
+    # Prefetch: the first 8 lanes touch one word per 32-byte sector of words [ptr + PREFETCH, + 128),
+    # so that the sectors the next steps read are on their way to L1 (a step reads ~16-60 words; each
+    # new sector would otherwise cost a DRAM round trip inside the step's dependent chain). The loaded
+    # values only go into ``sink`` (one iteration later, so the load does not stall its own step).
+    pf_on = g[None, :] < 8
+    pf_off = PREFETCH + 16 * g[None, :]
+    pre = tl.zeros((SEGS, BLOCK), tl.int32)
+    sink = tl.zeros((SEGS, BLOCK), tl.int32)
     # While loops, not range(): the interpreter cannot take a loaded scalar as a range bound.
     j = 0
     while j < max_blocks:
@@ -79,16 +96,26 @@ def decode_kernel(
         comp = tl.load(live_ptr + seg[:, None] * D + idx, mask=on_j, other=0)
         cl = tl.load(classes_ptr + seg[:, None] * D + comp, mask=on_j, other=0).to(tl.int64)
         row_table = table_ptr + (cl << PROB_BITS)
+        row_sym = symtab_ptr + (cl << 6)
         out_col = out_ptr + out_base[:, None] + comp.to(tl.int64)
         t = 0
         while t < max_tok:
             on = on_j & (t < n_tok[:, None])
+            if PREFETCH > 0:
+                sink = sink ^ pre
+                pf = ptr[:, None] + pf_off
+                pre = tl.load(words_ptr + pf, mask=pf_on & (pf < end[:, None]), other=0).to(tl.int32)
             slot = x & ((1 << PROB_BITS) - 1)
-            e = tl.load(row_table + slot, mask=on, other=0).to(tl.uint32, bitcast=True)
-            sym = (e & 63).to(tl.int32)
-            xs = ((e >> 6) & 8191) * (x >> PROB_BITS) + (e >> 19)
+            if LUT8:  # 4 KiB per table: the bank stays in L1; then freq and cum from a 256-byte row
+                sym = tl.load(row_table + slot, mask=on, other=0).to(tl.int32)
+                fc = tl.load(row_sym + sym, mask=on, other=1).to(tl.uint32, bitcast=True)
+                xs = (fc & 8191) * (x >> PROB_BITS) + slot - (fc >> 13)
+            else:
+                e = tl.load(row_table + slot, mask=on, other=0).to(tl.uint32, bitcast=True)
+                sym = (e & 63).to(tl.int32)
+                xs = ((e >> 6) & 8191) * (x >> PROB_BITS) + (e >> 19)
             big = sym > 2 * DIRECT_MAX
-            nb = tl.where(big, (sym - (2 * DIRECT_MAX + 1)) // 2 + MIN_OCTAVE, 0)
+            nb = tl.where(big, ((sym - (2 * DIRECT_MAX + 1)) >> 1) + MIN_OCTAVE, 0)
             nbu = nb.to(tl.uint32)
             need1 = xs < 65536
             low = (zero + 1) << nbu
@@ -106,7 +133,6 @@ def decode_kernel(
             p2 = p1 + need1.to(tl.int64)
             w2 = tl.load(words_ptr + p2, mask=need2 & (p2 < end[:, None]), other=0)
             xs = tl.where(need2, (xs << 16) | w2.to(tl.uint16, bitcast=True).to(tl.uint32), xs)
-            overrun = overrun | (ptr + total > end)
             ptr = ptr + total
             mag = (1 << nb) + raw
             r = sym - (2 * DIRECT_MAX + 1)
@@ -116,9 +142,13 @@ def decode_kernel(
             t += 1
         j += 1
     bad_end = tl.sum((lane_on & (x != 65536)).to(tl.int32), axis=1) > 0
-    late = tl.where(overrun, 2, tl.where(ptr != end, 3, tl.where(bad_end, 4, 0)))
+    # ptr only grows, so it ended past the segment's words exactly when some step overran them (the
+    # reads themselves are masked to the segment's words).
+    late = tl.where(ptr > end, 2, tl.where(ptr != end, 3, tl.where(bad_end, 4, 0)))
     status = tl.where(status != 0, status, late)
     tl.store(status_ptr + seg, status, mask=seg_on)
+    if PREFETCH > 0:
+        tl.store(sink_ptr + seg, tl.sum(sink ^ pre, axis=1), mask=seg_on)
 
 
 DECODE_CONSTANTS = {

@@ -40,7 +40,17 @@ def decode_cache(
     model_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    max_chunk_tokens: int | None = None,
 ) -> Any:
-    """Decode consecutive chunks (any mix of levels) into a ``DynamicCache`` on ``device``."""
-    kv = codec.decode_chunks(chunks, profile, model_fingerprint=model_fingerprint, device=device, dtype=dtype)
+    """Decode consecutive chunks (any mix of levels) into a ``DynamicCache`` on ``device``.
+
+    ``max_chunk_tokens``: the most tokens one chunk may declare (``codec.decode_chunk``)."""
+    kv = codec.decode_chunks(
+        chunks,
+        profile,
+        model_fingerprint=model_fingerprint,
+        device=device,
+        dtype=dtype,
+        max_chunk_tokens=max_chunk_tokens,
+    )
     return tensor_to_cache(kv, config)

@@ -31,6 +31,7 @@ from kvwire.kernels.profile import CalibrationProfile, fit_profile, with_digest
 from kvwire.kernels.transform import apply_rope, remove_rope, rope_tables
 from kvwire.model import (
     LICENSES_DIR,
+    cache_kwargs,
     model_fingerprint,
     prefill_kv,
     rope_parameters,
@@ -222,7 +223,7 @@ def _value_metric(o_projs: Sequence[Any], kv_heads: int, head_dim: int) -> np.nd
 @torch.no_grad()
 def _continuation_logprobs(model: Any, kv: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """Float64 log-probabilities ``[T, vocab]`` of the continuation tokens after cached context ``kv``."""
-    out = model(continuation, past_key_values=tensor_to_cache(kv, model.config), use_cache=True)
+    out = model(continuation, use_cache=True, **cache_kwargs(model, tensor_to_cache(kv, model.config)))
     return torch.log_softmax(out.logits[0].double(), dim=-1)
 
 

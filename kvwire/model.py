@@ -118,12 +118,39 @@ def empty_cache(config: Any = None) -> DynamicCache:
         return DynamicCache()
 
 
+_CACHE_KEYWORDS: dict[type, str] = {}  # model class -> the name its forward takes the cache by
+
+
+def _cache_keyword(model_class: type) -> str:
+    if model_class not in _CACHE_KEYWORDS:
+        params = inspect.signature(model_class.forward).parameters  # type: ignore[attr-defined]
+        _CACHE_KEYWORDS[model_class] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KEYWORDS[model_class]
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` to hand a KV cache to ``model(...)`` or ``model.generate(...)``.
+
+    transformers renamed the argument ``past_key_values`` to ``cache`` (5.2x; the old name still works
+    there but warns that it is deprecated); older versions only know ``past_key_values``. The name is
+    read from the model's ``forward`` signature, once per model class.
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a forward pass returned: ``output.cache`` where transformers has it (reading
+    ``output.past_key_values`` there warns that it is deprecated), ``output.past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def tensor_to_cache(kv: torch.Tensor, config: Any = None) -> DynamicCache:
     """Build a fresh ``DynamicCache`` (batch 1) from canonical KV; the tensors are copied, not aliased.
 
     Pass the model ``config`` so that sliding-window/hybrid models get the right layer types. The cache
-    is accepted by ``model(ids, past_key_values=...)`` and ``model.generate(..., past_key_values=...)``;
-    both grow it in place, so build a new one per use.
+    is accepted by ``model(ids, **cache_kwargs(model, cache))`` and ``model.generate`` alike; both grow
+    it in place, so build a new one per use.
     """
     _check_canonical(kv)
     layers = _text_config(config).num_hidden_layers if config is not None else kv.shape[0]
@@ -155,8 +182,9 @@ def prefill_kv(
     cache = empty_cache(model.config)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for start in range(0, ids.shape[1], block_tokens):
-        out = model(ids[:, start : start + block_tokens], past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
+        block = ids[:, start : start + block_tokens]
+        out = model(block, use_cache=True, **cache_kwargs(model, cache), **extra)
+        cache = output_cache(out)
     return cache_to_tensor(cache)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kvwire.errors import InvalidInputError
-from kvwire.model import tensor_to_cache
+from kvwire.model import cache_kwargs, tensor_to_cache
 
 GREEDY_TOKENS = 32
 
@@ -50,7 +50,8 @@ class Quality:
 @torch.no_grad()
 def _teacher_forced_log_probs(model: Any, kv: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     cache = tensor_to_cache(kv.to(dtype=model.dtype, device=model.device), model.config)
-    logits = model(continuation.to(model.device)[None], past_key_values=cache, use_cache=True).logits[0]
+    ids = continuation.to(model.device)[None]
+    logits = model(ids, use_cache=True, **cache_kwargs(model, cache)).logits[0]
     return torch.log_softmax(logits.double(), dim=-1).cpu()
 
 
@@ -70,7 +71,7 @@ def greedy_tokens(
     token = torch.tensor([[first_token]], device=model.device)
     chosen = []
     for _ in range(n_tokens):
-        logits = model(token, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(token, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
         token = logits.argmax().reshape(1, 1)
         chosen.append(int(token))
     return torch.tensor(chosen)

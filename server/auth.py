@@ -3,7 +3,8 @@
 One :class:`AccessControl` per server process is shared by the REST and gRPC APIs, so a key's
 requests draw from one token bucket whichever API they use. Keys are known only by their sha256
 (:func:`kvwire.server.config.hash_api_key`); the presented key is hashed and compared in constant
-time against every stored hash. See docs/service.md, "Authentication and tenants" and "Limits".
+time against every stored hash. With a Redis configured the buckets are shared by every server
+process (``kvwire.server.limits``). See docs/service.md, "Authentication and tenants" and "Limits".
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import hmac
 import math
 from dataclasses import dataclass
 
-import token_bucket
-
-from kvwire.errors import AuthError, RateLimitError
+from kvwire.errors import AuthError
 from kvwire.server.config import ServiceSettings, hash_api_key
+from kvwire.server.limits import RateLimiter, RedisRateLimiter, open_limits_redis
 
 
 @dataclass(frozen=True)
@@ -26,37 +26,17 @@ class Caller:
     key_id: str
 
 
-class RateLimiter:
-    """A token bucket per key (``token_bucket.Limiter``): ``rate_per_s`` refill, ``burst`` capacity."""
-
-    def __init__(self, rate_per_s: float, burst: int):
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self._storage = token_bucket.MemoryStorage()
-        self._limiter = token_bucket.Limiter(rate_per_s, burst, self._storage)
-
-    def take(self, key: str, what: str) -> None:
-        """Take one token from ``key``'s bucket or raise ``RateLimitError`` with ``retry_after_s``."""
-        if self._limiter.consume(key):
-            return
-        missing = max(0.0, 1.0 - self._storage.get_token_count(key))
-        retry_after_s = max(1, math.ceil(missing / self.rate_per_s))
-        raise RateLimitError(
-            f"rate limit of {self.rate_per_s:g} requests/s (burst {self.burst}) exceeded for {what}; "
-            f"retry in {retry_after_s} s",
-            retry_after_s=retry_after_s,
-        )
-
-
 class AccessControl:
     """Authenticate a request's ``Authorization`` value and charge it to its key's rate limit."""
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
-        self.limiter: RateLimiter | None = None
+        self.limiter: RateLimiter | RedisRateLimiter | None = None
         if settings.rate_limited:
-            burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
-            self.limiter = RateLimiter(settings.rate_limit_per_s, burst)
+            rate = settings.rate_limit_per_s
+            burst = settings.rate_limit_burst or max(1, math.ceil(rate))
+            redis = open_limits_redis(settings)  # shared by every process when there is one
+            self.limiter = RateLimiter(rate, burst) if redis is None else RedisRateLimiter(redis, rate, burst)
 
     def authenticate(self, authorization: str | None) -> Caller:
         """The caller of a ``Bearer <key>`` header value (the default tenant when auth is off)."""
@@ -81,3 +61,17 @@ class AccessControl:
         if self.limiter is not None:
             self.limiter.take(caller.key_id, f"tenant {caller.tenant!r}")
         return caller.tenant
+
+    def check_metrics_token(self, authorization: str | None) -> None:
+        """Return if ``/metrics`` is open or the header carries its token; raise ``AuthError`` otherwise."""
+        expected = self.settings.metrics_token
+        if expected is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(hash_api_key(token.strip()), expected):
+            raise AuthError("/metrics needs 'Authorization: Bearer <KVWIRE_METRICS_TOKEN>'")
+
+    def close(self) -> None:
+        """Release the shared limiter's Redis connections (if any)."""
+        if self.limiter is not None:
+            self.limiter.close()

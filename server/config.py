@@ -103,6 +103,16 @@ class ServiceSettings(BaseSettings):
     # refilled at rate_limit_per_s, holding at most rate_limit_burst. 0 = no rate limit.
     rate_limit_per_s: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)  # 0 = max(1, ceil(rate_limit_per_s))
+    # Limits shared by every server process (rate-limit buckets, per-tenant job slots) live in Redis:
+    # the URL named here, else the job queue's Redis, else the store's (redis, redis-cluster, tiered
+    # hot tier). No Redis, or limits_shared=false: per process. See kvwire.server.limits.
+    limits_redis_url: str | None = None
+    limits_shared: bool = True
+    limits_redis_timeout_s: float = Field(default=0.5, gt=0)  # then this process's own state decides
+    limits_redis_retry_s: float = Field(default=5.0, gt=0)  # how long Redis is skipped after a failure
+    # /metrics: open (None) for a Prometheus scraper on a private network, or only for
+    # ``Authorization: Bearer <token>``. Kept as its sha256 like the API keys (``sha256:<hex>`` accepted).
+    metrics_token: str | None = None
 
     # TLS for REST and gRPC: both files (PEM) or neither.
     tls_certfile: Path | None = None  # certificate chain, leaf first
@@ -144,6 +154,16 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, dict) and all(_SHA256_HEX.fullmatch(str(k)) for k in value):
             return {str(k): str(v) for k, v in value.items()}  # already {hash: tenant}
         return parse_api_keys(value)
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _hash_metrics_token(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        value = str(value).strip()
+        if value.startswith("sha256:") and _SHA256_HEX.fullmatch(value[7:].lower()):
+            return value[7:].lower()
+        return hash_api_key(value)
 
     @field_validator("default_tenant")
     @classmethod

@@ -45,17 +45,10 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
+from kvwire.manifest import ChunkEntry, ContextManifest, Job, LevelEntry
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
-from kvwire.server.jobs import Job
-from kvwire.server.service import (
-    DEFAULT_LIST_PAGE,
-    ChunkEntry,
-    ContextManifest,
-    KvwireService,
-    LevelEntry,
-    crc32_hex,
-)
+from kvwire.server.service import DEFAULT_LIST_PAGE, KvwireService, crc32_hex
 from kvwire.server.timeouts import SendWatchdog, grpc_server_options
 
 log = logging.getLogger(__name__)

@@ -16,16 +16,15 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvwire.errors import BackendUnavailableError, KvwireError, NotFoundError, RateLimitError
+from kvwire.manifest import JOB_STATES, Job
+from kvwire.server.limits import SharedJobSlots
 
 log = logging.getLogger(__name__)
-
-JobState = Literal["queued", "running", "done", "failed"]
-JOB_STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed")
 
 
 @dataclass(frozen=True)
@@ -43,24 +42,6 @@ class IngestRequest:
     @classmethod
     def from_json(cls, data: str | bytes) -> IngestRequest:
         return cls(**json.loads(data))
-
-
-@dataclass
-class Job:
-    """The public state of one ingest job (JSON-serialisable through :meth:`to_dict`)."""
-
-    id: str
-    tenant: str
-    context_id: str
-    state: JobState = "queued"
-    chunks_done: int = 0
-    chunks_total: int = 0
-    error: dict[str, str] | None = None  # {"type": ..., "message": ...} when failed
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 #: Runs one request; calls ``progress(chunks_done, chunks_total)`` as it goes.
@@ -124,9 +105,21 @@ class JobQueue(ABC):
 
 
 class InProcessJobQueue(JobQueue):
-    """The embedded default: a thread-safe queue in this process (jobs are lost on restart)."""
+    """The embedded default: a thread-safe queue in this process (jobs are lost on restart).
 
-    def __init__(self, *, max_pending: int = 1000, max_per_tenant: int = 100, keep_finished: int = 10000):
+    With ``slots`` (a Redis configured, several server processes), a tenant's unfinished jobs are
+    counted across every process sharing that Redis; otherwise in this process only.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending: int = 1000,
+        max_per_tenant: int = 100,
+        keep_finished: int = 10000,
+        slots: SharedJobSlots | None = None,
+    ):
+        self._slots = slots
         self._queue: queue.Queue[tuple[str, IngestRequest]] = queue.Queue()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -141,12 +134,17 @@ class InProcessJobQueue(JobQueue):
                 raise RateLimitError(f"{len(active)} ingest jobs are pending; retry later")
             mine = sum(1 for j in active if j.tenant == request.tenant)
             if mine >= self._max_per_tenant:
-                raise RateLimitError(_tenant_limit_message(mine, self._max_per_tenant), retry_after_s=10)
+                raise self._tenant_full(mine)
             job = Job(id=new_job_id(), tenant=request.tenant, context_id=request.context_id)
+            if self._slots is not None:  # every process's jobs (Redis down: the count above decides)
+                self._slots.reserve(request.tenant, job.id, self._tenant_full)
             self._jobs[job.id] = job
             self._forget_old()
         self._queue.put((job.id, request))
         return Job(**job.to_dict())
+
+    def _tenant_full(self, active: int) -> RateLimitError:
+        return RateLimitError(_tenant_limit_message(active, self._max_per_tenant), retry_after_s=10)
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -178,7 +176,14 @@ class InProcessJobQueue(JobQueue):
             self._update(job_id, state="failed", error=error_dict(exc))
         else:
             self._update(job_id, state="done")
+        finally:
+            if self._slots is not None:
+                self._slots.release(request.tenant, job_id)
         return True
+
+    def close(self) -> None:
+        if self._slots is not None:
+            self._slots.close()
 
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:

@@ -31,17 +31,10 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
+from kvwire.manifest import ContextManifest, Job, LevelEntry
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
-from kvwire.server.jobs import Job
-from kvwire.server.service import (
-    CONTEXT_ID_PATTERN,
-    DEFAULT_LIST_PAGE,
-    MAX_LIST_PAGE,
-    ContextManifest,
-    KvwireService,
-    LevelEntry,
-)
+from kvwire.server.service import CONTEXT_ID_PATTERN, DEFAULT_LIST_PAGE, MAX_LIST_PAGE, KvwireService
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +169,9 @@ class _JobCollector:
         return [family]
 
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
 class RequestMetrics:
     """Count and time every HTTP request by method, route template and status.
 
@@ -203,8 +199,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, observed_send)
         finally:
+            # Labels are bounded and carry no caller data: the route *template* (never a context id),
+            # and a known method, since a client may send any token as one.
             path = getattr(scope.get("route"), "path", "unmatched")
             method = scope.get("method", "")
+            method = method if method in _HTTP_METHODS else "other"
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)
 
@@ -427,8 +426,14 @@ def create_app(
         await run_in_threadpool(service.health)
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics")
-    async def prometheus() -> Response:
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={401: _ERRORS[401]},
+        summary="Prometheus metrics (Bearer KVWIRE_METRICS_TOKEN when one is set)",
+    )
+    async def prometheus(request: Request) -> Response:
+        app.state.access.check_metrics_token(request.headers.get("authorization"))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -509,4 +514,5 @@ def serve(settings: ServiceSettings | None = None) -> None:
     finally:
         if grpc_server is not None:
             grpc_server.stop(settings.shutdown_grace_s)
+        access.close()
         service.close()

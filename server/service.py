@@ -8,7 +8,6 @@ store (content-addressed keys) -> a :class:`ContextManifest` published last. See
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -17,21 +16,21 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from kvwire.errors import InvalidInputError, LimitExceededError, ModelMismatchError, NotFoundError
+from kvwire.manifest import ChunkEntry, ContextManifest, Job, LevelEntry
 from kvwire.server.config import ServiceSettings
-from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job, JobQueue, RedisJobQueue
+from kvwire.server.jobs import IngestRequest, InProcessJobQueue, JobQueue, RedisJobQueue
+from kvwire.server.limits import SharedJobSlots, open_limits_redis
 from kvwire.server.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "kvwire-manifest"
-MANIFEST_VERSION = 1
 _DIGEST = re.compile(r"[0-9a-f]{16,128}")
 CONTEXT_ID_PATTERN = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
 #: Most context ids one list page returns (REST ``GET /v1/contexts``, gRPC ``ListContexts``).
@@ -95,82 +94,6 @@ def default_calibrate(model: Any, tokenizer: Any) -> Profile:
 
     profile: Profile = load_or_calibrate(model, tokenizer)
     return profile
-
-
-# ---------------------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True)
-class LevelEntry:
-    """One encoded bitstream of a chunk: where it is stored, its size and its crc32 (8 hex digits)."""
-
-    level: int
-    key: str
-    nbytes: int
-    checksum: str
-
-
-@dataclass(frozen=True)
-class ChunkEntry:
-    """One chunk of a context: tokens ``[token_start, token_end)`` and its bitstream per level."""
-
-    index: int
-    token_start: int
-    token_end: int
-    token_ids: list[int]
-    text: str
-    levels: list[LevelEntry]
-
-    def level(self, level: int) -> LevelEntry:
-        for entry in self.levels:
-            if entry.level == level:
-                return entry
-        raise NotFoundError(f"chunk {self.index} has no level {level}")
-
-
-@dataclass(frozen=True)
-class ContextManifest:
-    """Everything a client needs to fetch and decode a context; stored as JSON, published last."""
-
-    context_id: str
-    tenant: str
-    model_fingerprint: str
-    profile_digest: str
-    codec_version: int
-    chunk_tokens: int
-    total_tokens: int
-    levels: list[int]
-    default_level: int
-    chunks: list[ChunkEntry]
-    created_at: float = field(default_factory=time.time)
-    format: str = MANIFEST_FORMAT
-    manifest_version: int = MANIFEST_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ContextManifest:
-        if data.get("format") != MANIFEST_FORMAT or data.get("manifest_version") != MANIFEST_VERSION:
-            raise InvalidInputError("not a kvwire manifest of a known version")
-        chunks = [
-            ChunkEntry(**{**c, "levels": [LevelEntry(**lv) for lv in c["levels"]]}) for c in data["chunks"]
-        ]
-        return cls(**{**data, "chunks": chunks})
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ContextManifest:
-        return cls.from_dict(json.loads(data))
-
-    def chunk(self, index: int) -> ChunkEntry:
-        if not 0 <= index < len(self.chunks):
-            raise NotFoundError(
-                f"context {self.context_id!r} has no chunk {index} ({len(self.chunks)} chunks)"
-            )
-        return self.chunks[index]
 
 
 # -------------------------------------------------------------------------------------------- keys
@@ -676,8 +599,12 @@ def open_job_queue(settings: ServiceSettings) -> JobQueue:
             socket_timeout_s=settings.storage.redis_socket_timeout_s,
             connect_timeout_s=settings.storage.redis_connect_timeout_s,
         )
+    # Several server processes with their own queues still share one per-tenant count when there is
+    # a Redis (kvwire.server.limits).
+    redis = open_limits_redis(settings)
+    slots = None if redis is None else SharedJobSlots(redis, settings.max_jobs_per_tenant)
     return InProcessJobQueue(
-        max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant
+        max_pending=settings.max_pending_jobs, max_per_tenant=settings.max_jobs_per_tenant, slots=slots
     )
 
 

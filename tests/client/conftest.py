@@ -18,10 +18,11 @@ from kvwire.client.transport import FetchedChunk, StreamedChunk, StreamSpec
 from kvwire.controller import Controller
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
 from kvwire.kernels.transform import remove_rope, rope_tables
+from kvwire.manifest import ContextManifest, Job
 from kvwire.model import model_fingerprint, prefill_kv, rope_parameters
 from kvwire.server.config import ServiceSettings
-from kvwire.server.jobs import InProcessJobQueue, Job
-from kvwire.server.service import ContextManifest, KernelsCodec, KvwireService, Worker
+from kvwire.server.jobs import InProcessJobQueue
+from kvwire.server.service import KernelsCodec, KvwireService, Worker
 from kvwire.server.storage import LocalStore
 
 from ..server.conftest import CharTokenizer, tiny_llama
@@ -87,6 +88,7 @@ class ServiceTransport:
     fault: Fault | None = None
     profile_bytes: bytes | None = None  # served instead of the real profile
     mangle: Callable[[int, bytes], bytes] | None = None  # rewrites chunk bytes
+    edit_manifest: Callable[[ContextManifest], ContextManifest] | None = None  # rewrites manifests
     stream: Callable[[str, StreamSpec], Iterator[StreamedChunk]] | None = None
     jobs: list[Job] = field(default_factory=list)  # served by get_job, in order
 
@@ -109,7 +111,8 @@ class ServiceTransport:
 
     def get_manifest(self, context_id: str) -> ContextManifest:
         self._call("get_manifest", context_id)
-        return self.service.manifest("default", context_id)
+        manifest = self.service.manifest("default", context_id)
+        return self.edit_manifest(manifest) if self.edit_manifest is not None else manifest
 
     def get_chunk(self, context_id: str, index: int, level: int | None) -> FetchedChunk:
         self._call("get_chunk", context_id, index, level)

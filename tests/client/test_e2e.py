@@ -26,8 +26,8 @@ import pytest
 from kvwire.client import Client, RetryPolicy
 from kvwire.client.sdk import Answer, LoadedContext, generate_answer
 from kvwire.controller import Mode
+from kvwire.manifest import ContextManifest
 from kvwire.model import cache_to_tensor
-from kvwire.server.service import ContextManifest
 
 from ..storage.conftest import free_port
 

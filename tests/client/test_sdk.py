@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from pathlib import Path
@@ -23,8 +24,8 @@ from kvwire.errors import (
     ProfileMismatchError,
     ServerUnavailableError,
 )
+from kvwire.manifest import ContextManifest, Job
 from kvwire.model import cache_to_tensor, prefill_kv, tensor_to_cache
-from kvwire.server.jobs import Job
 
 from .conftest import CHUNK_TOKENS, FAST_RETRY, ServiceTransport, Setup, make_client, push_stream
 
@@ -64,6 +65,43 @@ def test_text_mode_recomputes_exactly_and_downloads_nothing(setup: Setup, tmp_pa
     torch.testing.assert_close(cache_to_tensor(loaded.cache), reference_kv(setup), atol=1e-4, rtol=1e-4)
     assert transport.chunk_calls() == []
     assert all(r.kind == "text" for r in loaded.chunks) and loaded.timings.recompute_s > 0
+
+
+def test_load_and_generate_pass_the_cache_without_deprecation_warnings(setup: Setup, tmp_path: Path) -> None:
+    """transformers renamed ``past_key_values`` to ``cache`` (the old name warns where it has the new
+    one): prefill, text recompute and generation use whichever name the installed version takes, and
+    the answer from a text-mode load equals the full prefill's."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from kvwire.client.sdk import generate_answer
+
+    class Ids:  # the test tokenizer cannot decode; the answers are compared as token ids
+        eos_token_id = None
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return ""
+
+    hf_logging.warning_once.cache_clear()  # transformers logs each such warning once per process
+    logged: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prefill_kv(setup.model, setup.manifest.chunks[0].token_ids)
+            loaded = load(setup, ServiceTransport(setup.service), tmp_path, mode=Mode.text())
+            answer = loaded.generate(setup.model, Ids(), [5, 6, 7], max_new_tokens=4)
+            ids = [*loaded.token_ids, 5, 6, 7]
+            reference = generate_answer(setup.model, Ids(), ids, None, max_new_tokens=4)
+    finally:
+        hf_logger.removeHandler(handler)
+    messages = [str(w.message) for w in caught] + logged
+    assert [m for m in messages if "deprecated" in m] == []
+    assert answer.token_ids == reference.token_ids
 
 
 def test_text_chunks_are_recomputed_on_top_of_decoded_ones(setup: Setup, tmp_path: Path) -> None:
@@ -231,6 +269,67 @@ def test_a_chunk_of_another_context_is_refused_even_with_a_matching_checksum(set
     with pytest.raises(CorruptChunkError, match="does not match"):
         verify_chunk(manifest, 0, 2, data, 2)
     assert f"{zlib.crc32(data):08x}" == manifest.chunks[1].level(2).checksum
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count calls of the codec's decoder from here on (the loader calls it through the module)."""
+    from kvwire.kernels import codec
+
+    calls: list[int] = []
+    decode = codec.decode_chunk
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_chunk", counting)
+    return calls
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_a_manifest_that_lies_about_a_chunks_token_count_is_refused_before_decoding(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int
+) -> None:
+    """The manifest moves the boundary between chunks 0 and 1 by one token: it still tiles the
+    context and every checksum is right, but chunk 0's bitstream holds 16 tokens, not 15 or 17."""
+
+    def lie(manifest: ContextManifest) -> ContextManifest:
+        first, second = manifest.chunks[0], manifest.chunks[1]
+        ids = first.token_ids + second.token_ids
+        cut = first.token_end + shift
+        chunks = [
+            dataclasses.replace(first, token_end=cut, token_ids=ids[:cut]),
+            dataclasses.replace(second, token_start=cut, token_ids=ids[cut:]),
+            *manifest.chunks[2:],
+        ]
+        return dataclasses.replace(manifest, chunks=chunks)
+
+    decodes = _count_decodes(monkeypatch)
+    transport = ServiceTransport(setup.service, edit_manifest=lie)
+    with pytest.raises(CorruptChunkError, match="chunk 0 holds 16 tokens, not its manifest's"):
+        load(setup, transport, tmp_path, mode=Mode.fixed_level(2))
+    assert decodes == []
+    assert transport.chunk_calls()[:1] == [0]  # it was fetched and verified, then refused
+
+
+def test_a_chunk_from_another_position_is_refused_before_decoding(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that serves chunk 1's bytes as chunk 0, with a manifest whose chunk 0 entry carries
+    chunk 1's checksums: same token count, but the header says it starts at token 16."""
+
+    def lie(manifest: ContextManifest) -> ContextManifest:
+        first = dataclasses.replace(manifest.chunks[0], levels=manifest.chunks[1].levels)
+        return dataclasses.replace(manifest, chunks=[first, *manifest.chunks[1:]])
+
+    def swap(index: int, data: bytes) -> bytes:
+        return setup.service.chunk("default", "ctx", 1, 2)[0] if index == 0 else data
+
+    decodes = _count_decodes(monkeypatch)
+    transport = ServiceTransport(setup.service, edit_manifest=lie, mangle=swap)
+    with pytest.raises(CorruptChunkError, match=f"chunk 0 starts at token {CHUNK_TOKENS}"):
+        load(setup, transport, tmp_path, mode=Mode.fixed_level(2))
+    assert decodes == []
 
 
 def test_profile_is_fetched_once_verified_and_cached(setup: Setup, tmp_path: Path) -> None:

@@ -130,6 +130,37 @@ def test_time_to_send_inverts_bytes_between(
         assert trace.bytes_between(t0, t1 - 1e-6) < nbytes
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(st.floats(0.01, 5.0), st.sampled_from([0.0, 0.05, 0.3, 1.0, 4.0])), min_size=1, max_size=6
+    ).filter(lambda s: any(g > 0 for _, g in s)),
+    loop=st.booleans(),
+    offset=st.floats(0.0, 30.0),
+    t0=st.floats(0.0, 20.0),
+    span=st.floats(0.0, 20.0),
+)
+def test_a_shifted_trace_is_the_same_link_from_the_offset(
+    segments: list[tuple[float, float]], loop: bool, offset: float, t0: float, span: float
+) -> None:
+    if not loop and segments[-1][1] == 0:
+        segments = [*segments, (1.0, 0.3)]
+    trace = BandwidthTrace(segments, loop=loop)
+    shifted = trace.shifted(offset)
+    assert shifted.bytes_between(t0, t0 + span) == pytest.approx(
+        trace.bytes_between(offset + t0, offset + t0 + span), rel=1e-9, abs=1.0
+    )
+
+
+def test_shift_rejects_bad_offsets() -> None:
+    trace = BandwidthTrace.named("step-down")
+    assert trace.shifted(0.5).rate_at(0.0) == 2 * BYTES_PER_GBPS
+    assert trace.shifted(0.5).rate_at(0.6) == 0.2 * BYTES_PER_GBPS
+    for offset in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidInputError, match="offset"):
+            trace.shifted(offset)
+
+
 @pytest.mark.parametrize("name", sorted(NAMED_TRACES))
 def test_named_traces_are_deterministic_and_in_range(name: str) -> None:
     a, b = BandwidthTrace.named(name), BandwidthTrace.named(name)

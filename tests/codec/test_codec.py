@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from kvwire.errors import (
     CorruptChunkError,
     InvalidInputError,
+    LimitExceededError,
     ModelMismatchError,
     ProfileMismatchError,
     UnsupportedVersionError,
@@ -272,3 +274,73 @@ def test_roundtrip_any_layout(
     y = codec.decode_chunk(codec.encode_chunk(x, prof, level=level, token_start=3).data, prof)
     assert y.shape == x.shape
     assert torch.all((y - x).abs() <= error_bound(prof, level, x))
+
+
+# ------------------------------------------------------------------------------- decode-size limit
+
+
+def dead_chunk(profile: CalibrationProfile, n_tokens: int) -> bytes:
+    """A chunk whose components are all dead (no rANS words), its header rewritten to ``n_tokens``
+    tokens and its CRC fixed: still a valid chunk, of a few hundred bytes, whatever the count."""
+    x = torch.from_numpy(synthetic_kv(profile.layers, profile.kv_heads, 6, profile.head_dim, seed=2))
+    h, sec = fmt.parse_chunk(codec.encode_chunk(x, profile, token_start=1000).data)
+    dead = dataclasses.replace(sec, classes=np.zeros_like(sec.classes))  # every component at its mean
+    zeros = np.zeros((h.segments, h.group_dim, h.n_tokens), dtype=np.int32)
+    means = torch.from_numpy(codec.reconstruct(h, dead, zeros, profile))  # KV at the profile's mean
+    data = bytearray(codec.encode_chunk(means, profile, level=2, token_start=1000).data)
+    assert fmt.read_header(data).n_words == 0
+    struct.pack_into("<I", data, 28, n_tokens)
+    return _refresh_crc(data)
+
+
+def test_default_decode_limit_follows_the_profile_shape(profile: CalibrationProfile) -> None:
+    smol = make_profile(layers=30, heads=3, head_dim=64)  # SmolLM2-135M's KV layout
+    assert codec.default_max_chunk_tokens(smol) == 512 * 2**20 // (30 * 2 * 3 * 64 * 4) == 11650
+    assert codec.default_max_chunk_tokens(profile) == fmt.MAX_TOKENS  # a tiny layout: the format's cap
+    tiny = dead_chunk(smol, 6)
+    assert codec.decode_chunk(tiny, smol).shape == (30, 2, 3, 6, 64)
+    # 65,536 tokens from ~20 KB would decode to 3 GB of float32 (plus a coefficient buffer as large).
+    huge = dead_chunk(smol, fmt.MAX_TOKENS)
+    assert len(huge) < 32 * 1024
+    for call in (
+        lambda: codec.decode_chunk(huge, smol, backend="cpu"),
+        lambda: codec.decode_chunks([huge], smol, backend="cpu"),
+        lambda: codec.validate_chunk(huge, smol, verify_crc=False),  # what the GPU path runs first
+    ):
+        with pytest.raises(LimitExceededError, match="65536 tokens, above the decode limit of 11650"):
+            call()
+
+
+def test_decode_limit_is_checked_before_anything_is_allocated(profile: CalibrationProfile) -> None:
+    import contextlib
+    import tracemalloc
+
+    data = dead_chunk(profile, 40_000)  # 40,000 x 64 elements: 10 MB of float32, as much again of int32
+
+    def peak_bytes(**kw: object) -> int:
+        tracemalloc.start()
+        try:
+            with contextlib.suppress(LimitExceededError):
+                codec.decode_chunk(data, profile, backend="cpu", **kw)  # type: ignore[arg-type]
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    assert codec.decode_chunk(data, profile).shape[3] == 40_000  # within the default: decodes
+    assert peak_bytes() > 10 * 2**20
+    assert peak_bytes(max_chunk_tokens=39_999) < 2**20  # refused from the header
+
+
+def test_decode_limit_options(profile: CalibrationProfile) -> None:
+    x = torch.from_numpy(synthetic_kv(2, 2, 9, 8, seed=3))
+    chunks = [c[1].data for c in codec.encode_kv(x, profile, levels=[1], chunk_tokens=4)]  # 4 + 4 + 1
+    assert codec.decode_chunks(chunks, profile, max_chunk_tokens=4, max_total_tokens=9).shape[3] == 9
+    with pytest.raises(LimitExceededError, match="decode limit of 3"):
+        codec.decode_chunks(chunks, profile, max_chunk_tokens=3)
+    with pytest.raises(LimitExceededError, match="9 tokens in all"):
+        codec.decode_chunks(chunks, profile, max_total_tokens=8)
+    with pytest.raises(LimitExceededError):
+        codec.decode_chunk(chunks[0], profile, max_chunk_tokens=3)
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(InvalidInputError, match="max_chunk_tokens"):
+            codec.decode_chunk(chunks[0], profile, max_chunk_tokens=bad)  # type: ignore[arg-type]

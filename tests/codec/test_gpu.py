@@ -153,6 +153,36 @@ def test_batch_decode_in_one_launch(
         assert torch.equal(ref, y.cpu())
 
 
+@pytest.mark.parametrize(("lut8", "prefetch"), [(0, 0), (1, 0), (0, 64), (1, 64), (1, 8)])
+@pytest.mark.parametrize("few", [True, False])
+def test_symbol_lookups_and_prefetch(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch, lut8: int, prefetch: int, few: bool
+) -> None:
+    """Both symbol lookups (one packed int32 per slot; the uint8 table then freq | cum per symbol), with
+    and without word prefetch, in either segment-count regime, give the CPU's bits for a batch of mixed
+    dtypes, lanes, lengths and raw rows."""
+    setting = (lut8, 1 - lut8) if few else (1 - lut8, lut8)  # the other regime's entry must not matter
+    monkeypatch.setitem(gpu.TUNING, "rans_lut8", setting)
+    monkeypatch.setitem(gpu.TUNING, "rans_prefetch", (prefetch, 0) if few else (0, prefetch))
+    monkeypatch.setitem(gpu.TUNING, "rans_few", 10**9 if few else 0)
+    specs = [  # tokens, start, dtype, lanes, outlier
+        (5, 0, torch.float16, 32, True),
+        (3, 5, torch.float16, 7, False),
+        (4, 8, torch.bfloat16, 32, True),
+        (2, 12, torch.float32, 1, False),
+    ]
+    chunks = [
+        codec.encode_chunk(
+            _kv(t, 50 + i, dt, outlier=o), profile, level=i % 5, token_start=s, lanes=ln, backend="cpu"
+        ).data
+        for i, (t, s, dt, ln, o) in enumerate(specs)
+    ]
+    got = gpu.decode_chunks_gpu(chunks, profile, device=DEV)
+    for data, y in zip(chunks, got, strict=True):
+        ref = codec.decode_chunk(data, profile, backend="cpu")
+        assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
+
+
 @pytest.mark.parametrize(
     ("tokens", "start", "level", "dtype"), [(1, 0, 2, torch.float16), (7, 3, 0, torch.bfloat16)]
 )
@@ -331,3 +361,30 @@ def test_positions_beyond_the_cached_rope_table(
     for data, y in zip(chunks, got, strict=True):
         ref = codec.decode_chunk(data, profile, backend="cpu")
         assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
+
+
+def test_decode_limit_holds_before_staging(
+    profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk above the decode limit is refused by the validation in front of the kernels, before
+    its bytes are staged or its output allocated; a caller may allow more."""
+    from kvwire.errors import LimitExceededError
+
+    from .test_codec import dead_chunk
+
+    data = dead_chunk(profile, 5000)
+    real_staging = gpu._checksum_and_copy
+
+    def no_staging(*args: object) -> None:
+        raise AssertionError("bytes staged for a chunk above the limit")
+
+    monkeypatch.setattr(gpu, "_checksum_and_copy", no_staging)
+    with pytest.raises(LimitExceededError, match="5000 tokens"):
+        codec.decode_chunk(data, profile, backend="gpu", device=DEV, max_chunk_tokens=4999)
+    with pytest.raises(LimitExceededError):
+        gpu.decode_chunks_gpu([data], profile, device=DEV, max_chunk_tokens=256)
+    with pytest.raises(LimitExceededError):
+        codec.decode_chunks([data], profile, backend="gpu", device=DEV, max_chunk_tokens=256)
+    monkeypatch.setattr(gpu, "_checksum_and_copy", real_staging)
+    y = codec.decode_chunk(data, profile, backend="gpu", device=DEV, max_chunk_tokens=5000)
+    assert y.shape[3] == 5000 and torch.equal(y.cpu(), codec.decode_chunk(data, profile, backend="cpu"))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from benchmarks.processes import MotoProcess, ProxyProcess, RedisProcess
-from kvwire.server.service import ContextManifest
+from kvwire.manifest import ContextManifest
 from kvwire.server.storage import Store
 
 from ..server.conftest import tiny_llama

@@ -24,15 +24,9 @@ from benchmarks.processes import KvwireProcess, RedisProcess, wait_until
 from kvwire._proto import CHANNEL_OPTIONS
 from kvwire._proto import kvwire_pb2 as pb
 from kvwire._proto import kvwire_pb2_grpc as pb_grpc
+from kvwire.manifest import ChunkEntry, ContextManifest, LevelEntry
 from kvwire.server.jobs import IngestRequest, RedisJobQueue
-from kvwire.server.service import (
-    ChunkEntry,
-    ContextManifest,
-    LevelEntry,
-    crc32_hex,
-    manifest_key,
-    profile_key,
-)
+from kvwire.server.service import crc32_hex, manifest_key, profile_key
 from kvwire.server.storage import StorageSettings, Store, open_store
 
 from ..server.conftest import FakeCodec, make_settings, make_worker

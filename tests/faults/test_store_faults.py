@@ -18,8 +18,9 @@ import pytest
 
 from benchmarks.processes import MotoProcess, ProxyProcess, RedisProcess, wait_until
 from kvwire.errors import BackendUnavailableError
-from kvwire.server.jobs import InProcessJobQueue, Job, RedisJobQueue
-from kvwire.server.service import ContextManifest, KvwireService, Worker
+from kvwire.manifest import ContextManifest, Job
+from kvwire.server.jobs import InProcessJobQueue, RedisJobQueue
+from kvwire.server.service import KvwireService, Worker
 from kvwire.server.storage import Store, TieredStore
 
 from ..server.conftest import FakeCodec, make_settings, make_worker

@@ -175,7 +175,7 @@ def test_grpc_streams_nobody_reads_do_not_starve_the_server(server: KvwireProces
 
 
 def test_small_context_still_served_over_rest(server: KvwireProcess, tmp_path: Path) -> None:
-    from kvwire.server.service import ContextManifest
+    from kvwire.manifest import ContextManifest
 
     with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=10) as client:
         manifest = ContextManifest.from_json(client.get("/v1/contexts/small").content)

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from benchmarks.processes import RedisProcess, wait_until
-from kvwire.server.jobs import IngestRequest, Job, RedisJobQueue
+from kvwire.manifest import Job
+from kvwire.server.jobs import IngestRequest, RedisJobQueue
 from kvwire.server.storage import LocalStore
 
 from ..server.conftest import FakeCodec, make_settings, make_worker

@@ -4,6 +4,7 @@ fuzz/corpus/, which tests/fuzz/test_mutations.py replays in full."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 
 import numpy as np
@@ -104,3 +105,22 @@ def test_gpu_profile_cache_is_bounded() -> None:
         first = gpu._device_profile(prof, device)
     assert len(gpu._PROFILE_CACHE) == gpu.PROFILE_CACHE_SIZE
     assert gpu._device_profile(prof, device) is first  # the newest is still cached
+
+
+def test_dead_chunk_declaring_the_most_tokens_is_bounded_by_the_decode_limit() -> None:
+    """The seeds ``make_corpus.huge_dead_chunk`` writes: a few hundred bytes whose components are all dead
+    declare 65,536 tokens. Within a limit they decode (to the profile's means); above it they are refused
+    from the header (``codec.check_chunk_tokens``), on the CPU path and in the GPU path's validation."""
+    from fuzz.make_corpus import huge_dead_chunk
+    from kvwire.errors import LimitExceededError
+
+    for prof in targets.profiles():
+        data = huge_dead_chunk(prof)
+        assert (targets.seed_dir("decode") / hashlib.sha1(data).hexdigest()).exists()  # a committed seed
+        assert len(data) < 2048 and fmt.read_header(data).n_words == 0
+        with pytest.raises(LimitExceededError, match="65536 tokens"):
+            codec.decode_chunk(data, prof, backend="cpu", max_chunk_tokens=65_535)
+        with pytest.raises(LimitExceededError, match="65536 tokens"):
+            codec.validate_chunk(data, prof, verify_crc=False, max_chunk_tokens=1024)
+        assert codec.default_max_chunk_tokens(prof) == fmt.MAX_TOKENS  # a tiny layout: all allowed
+        assert codec.decode_chunk(data, prof, backend="cpu").shape[3] == fmt.MAX_TOKENS

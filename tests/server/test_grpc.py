@@ -25,16 +25,10 @@ from kvwire.errors import (
     RateLimitError,
     UnsupportedVersionError,
 )
+from kvwire.manifest import ChunkEntry, ContextManifest, LevelEntry
 from kvwire.server.config import ServiceSettings
 from kvwire.server.grpc_server import ERROR_TYPE_KEY, serve_grpc, status_code
-from kvwire.server.service import (
-    ChunkEntry,
-    ContextManifest,
-    KvwireService,
-    LevelEntry,
-    crc32_hex,
-    manifest_key,
-)
+from kvwire.server.service import KvwireService, crc32_hex, manifest_key
 
 ALICE = (("authorization", "Bearer alice-key"),)
 BOB = (("authorization", "Bearer bob-key"),)

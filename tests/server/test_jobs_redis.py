@@ -13,9 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kvwire.errors import BackendUnavailableError, InvalidInputError, NotFoundError, RateLimitError
-from kvwire.server.jobs import IngestRequest, Job, RedisJobQueue
+from kvwire.manifest import ContextManifest, Job
+from kvwire.server.jobs import IngestRequest, RedisJobQueue
 from kvwire.server.rest import create_app
-from kvwire.server.service import ContextManifest, KvwireService
+from kvwire.server.service import KvwireService
 from kvwire.server.storage import Store
 
 from ..storage.conftest import free_port, redis_server

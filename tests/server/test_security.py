@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ from kvwire.errors import AuthError, InvalidInputError, RateLimitError
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
 from kvwire.server.grpc_server import ERROR_TYPE_KEY, RETRY_AFTER_KEY, serve_grpc
-from kvwire.server.jobs import InProcessJobQueue
+from kvwire.server.jobs import IngestRequest, InProcessJobQueue
+from kvwire.server.limits import LimitsRedis, RedisRateLimiter, SharedJobSlots, shared_limits_redis
 from kvwire.server.rest import create_app
-from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix
+from kvwire.server.service import MAX_LIST_PAGE, KvwireService, manifests_prefix, open_job_queue
 from kvwire.server.storage import Store
 
-from ..storage.conftest import redis_url, s3_endpoint  # noqa: F401 - fixtures for the backend test
+from ..storage.conftest import redis_cluster_url, redis_url, s3_endpoint  # noqa: F401 - fixtures
 from .conftest import make_settings
 
 ALICE = {"Authorization": "Bearer alice-key"}
@@ -251,6 +253,187 @@ def test_rate_limit_off_by_default() -> None:
         access.admit("Bearer k")
 
 
+# ----------------------------------------------------------------------- rate limits shared by Redis
+
+
+def shared_settings(tmp_path: Path, redis: str, namespace: str, **overrides: Any) -> ServiceSettings:
+    values: dict[str, Any] = dict(
+        rate_limit_per_s=0.05, rate_limit_burst=4, limits_redis_url=redis, jobs_namespace=namespace
+    )
+    return make_settings(tmp_path, **{**values, **overrides})
+
+
+@pytest.mark.integration
+def test_rate_limit_is_shared_by_two_instances_through_redis(
+    store: Store,
+    worker: Any,
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Two server instances (own AccessControl each, as two processes have), REST on one and gRPC on
+    the other, sharing a real redis-server: together they admit the burst once, not twice."""
+    namespace = "rl-" + tmp_path.name[-12:]
+    settings = shared_settings(tmp_path, redis_url, namespace)
+    service = KvwireService(store, InProcessJobQueue(), settings, worker)
+    access_a, access_b = AccessControl(settings), AccessControl(settings)
+    assert isinstance(access_a.limiter, RedisRateLimiter)
+    server = serve_grpc(service, settings, 0, access=access_b)
+    try:
+        with (
+            TestClient(create_app(service, access=access_a), raise_server_exceptions=False) as client,
+            grpc.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel,
+        ):
+            stub = pb_grpc.KvwireStub(channel)
+            for _ in range(2):  # 4 requests, alternating instances: the whole burst
+                assert client.get("/v1/contexts", headers=ALICE).status_code == 200
+                stub.ListContexts(pb.ListContextsRequest(), metadata=ALICE_MD)
+            r = client.get("/v1/contexts", headers=ALICE)
+            assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20
+            err = rpc_error(lambda: stub.ListContexts(pb.ListContextsRequest(), metadata=ALICE_MD))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert client.get("/v1/contexts", headers=BOB).status_code == 200  # Bob's own bucket
+            # Each process alone would still have admitted the rest of its burst.
+            assert access_a.limiter.fallback.consume(hash_api_key("alice-key"))
+    finally:
+        server.stop(grace_s=None)
+        access_a.close()
+        access_b.close()
+    # One hash per key, expiring; neither the key nor its stored hash appears in Redis.
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in r.scan_iter(f"{namespace}:ratelimit:*"))
+    assert len(keys) == 2
+    for key in keys:
+        assert 0 < r.pttl(key) <= (4 / 0.05 + 1) * 1000
+        assert (
+            "alice" not in key and hash_api_key("alice-key") not in key and hash_api_key("bob-key") not in key
+        )
+    r.close()
+
+
+@pytest.mark.integration
+def test_limits_shared_through_a_redis_cluster_store(
+    tmp_path: Path,
+    redis_cluster_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """With the store on a Redis Cluster and nothing else configured, the buckets go there."""
+    settings = make_settings(tmp_path, rate_limit_per_s=0.05, rate_limit_burst=3)
+    settings.storage.store, settings.storage.redis_url = "redis-cluster", redis_cluster_url
+    settings.storage.redis_namespace = "rl-" + tmp_path.name[-12:]
+    instances = [AccessControl(settings) for _ in range(3)]
+    try:
+        for access in instances:
+            assert isinstance(access.limiter, RedisRateLimiter)
+            assert access.admit("Bearer bob-key") == "bob"
+        for access in instances:
+            with pytest.raises(RateLimitError):
+                access.admit("Bearer bob-key")
+            assert not access.limiter.redis.degraded  # type: ignore[union-attr]
+    finally:
+        for access in instances:
+            access.close()
+
+
+def test_rate_limit_fails_open_to_the_process_bucket_when_redis_is_down(tmp_path: Path) -> None:
+    """Redis unreachable: no 500 and no unlimited access; this process's bucket decides, and Redis is
+    not asked again (or waited for) on every request."""
+    from ..storage.conftest import free_port
+
+    settings = shared_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0", "down", rate_limit_burst=3)
+    access = AccessControl(settings)
+    limiter = access.limiter
+    assert isinstance(limiter, RedisRateLimiter) and not limiter.redis.degraded
+    calls = []
+    script = limiter.redis._script
+
+    def counted(lua: str) -> Any:
+        calls.append(1)
+        return script(lua)
+
+    limiter.redis._script = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        assert access.admit("Bearer alice-key") == "alice"
+    with pytest.raises(RateLimitError):
+        access.admit("Bearer alice-key")
+    assert limiter.redis.degraded and len(calls) == 1  # one failed try, then the retry window
+    limiter.redis._skip_until = 0.0  # the window is over: Redis is tried again (and still fails)
+    with pytest.raises(RateLimitError):
+        access.admit("Bearer alice-key")
+    assert len(calls) == 2
+    access.close()
+
+
+def test_rate_limit_redis_is_the_one_configured(tmp_path: Path) -> None:
+    def chosen(**kw: Any) -> Any:
+        return shared_limits_redis(make_settings(tmp_path, **kw))
+
+    assert chosen() is None  # local store, in-process queue: buckets in this process
+    assert chosen(jobs_redis_url="redis://q:1/0") == ("redis://q:1/0", "kvwire", False)
+    explicit = chosen(jobs_redis_url="redis://q:1/0", limits_redis_url="redis://rl:2/0")
+    assert explicit == ("redis://rl:2/0", "kvwire", False)
+    assert chosen(jobs_redis_url="redis://q:1/0", limits_shared=False) is None
+    settings = make_settings(tmp_path)
+    for store, hot, cluster in (
+        ("redis", "redis", False),
+        ("redis-cluster", "redis", True),
+        ("tiered", "redis-cluster", True),
+    ):
+        settings.storage.store, settings.storage.tiered_hot = store, hot  # type: ignore[assignment]
+        assert shared_limits_redis(settings) == (settings.storage.redis_url, "kvwire", cluster)
+    settings.storage.store = "s3"
+    assert shared_limits_redis(settings) is None
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_token_when_configured(store: Store, worker: Any, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, metrics_token="scrape-secret")
+    assert settings.metrics_token == hash_api_key("scrape-secret")  # kept hashed, like API keys
+    assert "scrape-secret" not in settings.model_dump_json() + repr(settings)
+    assert make_settings(tmp_path, metrics_token="sha256:" + "AB" * 32).metrics_token == "ab" * 32
+    service = KvwireService(store, InProcessJobQueue(), settings, worker)
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        for headers in ({}, ALICE, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-secret"}):
+            r = client.get("/metrics", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "AuthError", headers
+        r = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert r.status_code == 200 and "kvwire_http_requests_total" in r.text
+        assert client.get("/healthz").status_code == 200  # health stays open
+
+
+def test_metrics_open_by_default_and_labels_carry_no_caller_data(client: TestClient) -> None:
+    """Labels are route templates, fixed methods and statuses: no tenant, context id, key or job id,
+    and a client cannot grow the label set with made-up methods."""
+    r = client.post("/v1/contexts", json={"token_ids": [5] * 80, "context_id": "secret-ctx-1"}, headers=ALICE)
+    assert r.status_code == 201
+    job = client.post(
+        "/v1/contexts", json={"token_ids": [5] * 300, "context_id": "secret-ctx-2"}, headers=BOB
+    )
+    assert job.status_code == 202
+    client.get("/v1/contexts/secret-ctx-1/chunks/0", headers=ALICE)
+    client.get("/v1/contexts/secret-ctx-1", headers=BOB)  # 404 for Bob
+    client.get(f"/v1/jobs/{job.json()['id']}", headers=BOB)
+    client.get("/v1/contexts/nope-ctx-3", headers={"Authorization": "Bearer bad-key-4"})
+    for method in ("BREW", "XSECRETMETHOD"):
+        client.request(method, "/v1/contexts", headers=ALICE)
+    text = client.get("/metrics").text
+    for secret in (
+        "alice",
+        "bob",
+        "secret-ctx",
+        "nope-ctx",
+        "bad-key",
+        job.json()["id"],
+        hash_api_key("alice-key"),
+        "BREW",
+        "XSECRETMETHOD",
+    ):
+        assert secret not in text, secret
+    assert 'method="other"' in text and 'route="/v1/contexts/{context_id}/chunks/{index}"' in text
+
+
 # --------------------------------------------------------------------------------------- job limits
 
 
@@ -318,3 +501,63 @@ def test_every_stored_key_is_in_its_tenants_namespace(
         assert service.manifest("alice", "same-id").tenant == "alice"
     finally:
         service.close()
+
+
+def _slot_queue(url: str, namespace: str, *, lease_s: float = 60.0) -> InProcessJobQueue:
+    redis = LimitsRedis(url, namespace=namespace)
+    return InProcessJobQueue(max_per_tenant=2, slots=SharedJobSlots(redis, 2, lease_s=lease_s))
+
+
+@pytest.mark.integration
+def test_in_process_queues_share_the_per_tenant_job_limit_through_redis(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Server processes that each run their own job queue (a Redis store, no Redis job queue) still
+    hold a tenant to one limit between them; a slot is freed when its job ends, or when the process
+    holding it dies (its lease is not renewed)."""
+    namespace = "slots-" + tmp_path.name[-12:]
+    settings = make_settings(tmp_path, max_jobs_per_tenant=2)
+    settings.storage.store, settings.storage.redis_url = "redis", redis_url
+    built = open_job_queue(settings)
+    assert isinstance(built, InProcessJobQueue) and built._slots is not None
+    built.close()
+    q1, q2 = _slot_queue(redis_url, namespace), _slot_queue(redis_url, namespace, lease_s=0.5)
+    alice = IngestRequest(tenant="alice", context_id="c", token_ids=[1])
+    try:
+        q1.submit(alice)
+        q2.submit(alice)
+        for q in (q1, q2):
+            with pytest.raises(RateLimitError, match="limit 2"):
+                q.submit(alice)
+        q2.submit(IngestRequest(tenant="bob", context_id="c", token_ids=[1]))  # Bob has his own
+        assert q1.process_one(lambda request, progress: None, consumer="t", block_s=1)  # frees a slot
+        q2.submit(alice)
+        with pytest.raises(RateLimitError):
+            q1.submit(alice)
+        # q2's process "dies": its renewals stop, and its two slots expire with their leases.
+        q2._slots._stop.set()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                q1.submit(alice)
+                break
+            except RateLimitError:
+                assert time.monotonic() < deadline, "a dead process's slots were never freed"
+                time.sleep(0.1)
+    finally:
+        q1.close()
+        q2.close()
+
+
+def test_per_tenant_job_limit_is_per_process_while_its_redis_is_down(tmp_path: Path) -> None:
+    from ..storage.conftest import free_port
+
+    q = _slot_queue(f"redis://127.0.0.1:{free_port()}/0", "down")
+    alice = IngestRequest(tenant="alice", context_id="c", token_ids=[1])
+    q.submit(alice)
+    q.submit(alice)  # Redis refused the connection: this process's own count decides
+    with pytest.raises(RateLimitError, match="limit 2"):
+        q.submit(alice)
+    assert q._slots is not None and q._slots.redis.degraded
+    q.close()

@@ -17,10 +17,10 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
+from kvwire.manifest import ContextManifest, Job
 from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
-from kvwire.server.jobs import IngestRequest, InProcessJobQueue, Job
+from kvwire.server.jobs import IngestRequest, InProcessJobQueue
 from kvwire.server.service import (
-    ContextManifest,
     KvwireService,
     ManifestCache,
     Worker,
