@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from kvwire.kernels import codec, gpu
+from kvwire.kernels import codec, gpu, gpu_encode
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
 from kvwire.kernels.transform import remove_rope, rope_tables
@@ -161,7 +161,9 @@ def _decode_row(
     enc = "| |"
     if b in enc_batches and lanes == 32:
         starts = [CHUNK * j for j in range(b)]
-        run = functools.partial(gpu.encode_chunks_gpu, chunks[:b], profile, level=level, token_starts=starts)
+        run = functools.partial(
+            gpu_encode.encode_chunks_gpu, chunks[:b], profile, level=level, token_starts=starts
+        )
         t_enc = wall(run, reps=3)
         enc = f"| {t_enc * 1e3:.1f} | {elt * b * 2 / t_enc / 1e9:.1f} |"
     n = elt * b
@@ -230,7 +232,7 @@ def tune(out_dir: Path) -> None:
             data: list[bytes] = []
             for i in range(0, 64, 32):
                 starts = [CHUNK * j for j in range(i, i + 32)]
-                encs = gpu.encode_chunks_gpu(
+                encs = gpu_encode.encode_chunks_gpu(
                     chunks[i : i + 32], profile, level=2, token_starts=starts, lanes=lanes
                 )
                 data.extend(e.data for e in encs)
@@ -331,6 +333,237 @@ def _q_spans(batch: gpu.DecodeBatch) -> list[tuple[int, int]]:
     ]
 
 
+def _encode_stages(view: torch.Tensor, profile: CalibrationProfile, level: int, starts: list[int]) -> dict:
+    """The encoder's stages on one batch: CUDA-event times of each launch, wall times of the rest."""
+    reps = 5
+    job = gpu_encode.prepare_encode(view, profile, level=level, token_starts=starts)
+    out = {
+        "prep": wall(
+            functools.partial(gpu_encode.prepare_encode, view, profile, level=level, token_starts=starts),
+            reps,
+        ),
+        "transform": events(functools.partial(gpu_encode.launch_transform, job), reps),
+    }
+    out["tables"] = events(functools.partial(gpu_encode.launch_tables, job), reps)
+    out["check"] = wall(functools.partial(gpu_encode.check_input, job), reps)
+    out["rans"] = events(functools.partial(gpu_encode.launch_rans, job), reps)
+    out["pack"] = wall(functools.partial(gpu_encode.pack_device, job), reps)
+    buf, bases, sizes = gpu_encode.pack_device(job)
+    out["copy_out"] = wall(functools.partial(gpu_encode.copy_out, buf, bases, sizes), reps)
+    out["bytes"] = sum(sizes)
+    return out
+
+
+def encode_bench(args: argparse.Namespace) -> None:
+    """``--encode``: the GPU encoder alone, KV on the GPU -> packed chunks in host memory, by stage.
+
+    Input: a bf16 context ``[L, 2, H, chunks * 256, D]`` on the GPU, encoded through ``chunk_view``
+    (no copy). *e2e* = ``encode_batch_gpu``: packed chunks with CRCs in pinned host memory; *+bytes* =
+    the same plus one Python ``bytes`` per chunk (``EncodedBatch.chunks``); *device* = everything up to
+    the packed device buffer (``pack_device``), wall clock; then each stage (CUDA events for launches).
+    """
+    dev = torch.device(args.device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    props = torch.cuda.get_device_properties(0)
+    head = (
+        f"# GPU encoder benchmark\n\n{props.name}, {props.multi_processor_count} SMs; "
+        f"torch {torch.__version__}; "
+        f"{os.cpu_count()} host cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; tuning "
+        f"{gpu_encode.TUNING}\n"
+    )
+    rows = [
+        "| model | level | chunks | bits/elt | e2e ms | e2e Gelt/s | +bytes ms | device ms | device Gelt/s "
+        "| prep | transform | tables | check | rANS | pack | copy+CRC | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes: list[str] = []
+
+    def write() -> None:
+        text = "\n".join([head, *rows, "", *notes, ""])
+        (out_dir / f"gpu_encode_{args.models.replace(',', '_')}.md").write_text(text)
+
+    wanted = args.models.split(",")  # names from SHAPES, or their first part ("Llama")
+    models = [m for m in SHAPES if m in wanted or m.split("-")[0] in wanted]
+    batches = [int(b) for b in args.batches.split(",")]
+    levels = [int(v) for v in args.levels.split(",")]
+    for name in models:
+        L, H, D, _hpg, base = SHAPES[name]
+        profile = make_profile(name)
+        max_b = max(batches)
+        ctx = synthetic_kv(L, H, CHUNK * max_b, D, base, seed=2, device=args.device).to(torch.bfloat16)
+        elt = L * 2 * H * CHUNK * D
+        # Exactness: a settled chunk (CPU encode + decode) gets the CPU encoder's bytes; a raw one decodes
+        # the same on both paths.
+        j0 = CHUNK if max_b > 1 else 0
+        one = ctx[:, :, :, j0 : j0 + CHUNK].cpu()
+        settled = codec.decode_chunk(
+            codec.encode_chunk(one, profile, token_start=j0, backend="cpu").data, profile
+        )
+        ref = codec.encode_chunk(settled, profile, token_start=j0, backend="cpu").data
+        got = gpu_encode.encode_chunks_gpu([settled.to(dev)], profile, token_starts=[j0])[0].data
+        raw = gpu_encode.encode_chunks_gpu([one.to(dev)], profile, token_starts=[j0])[0].data
+        same = torch.equal(
+            codec.decode_chunk(raw, profile, backend="cpu"),
+            codec.decode_chunk(raw, profile, device=dev).cpu(),
+        )
+        cpu_raw = codec.encode_chunk(one, profile, token_start=j0, backend="cpu").data
+        notes.append(
+            f"- {name}: GPU bytes == CPU bytes on a settled chunk: {got == ref}; on the raw chunk the "
+            "streams "
+            f"are {len(raw)} (GPU) and {len(cpu_raw)} (CPU) bytes, identical: {raw == cpu_raw}; the GPU "
+            f"stream decodes the same on both paths: {same}"
+        )
+        print(notes[-1], flush=True)
+        for level in levels:
+            for b in batches:
+                if time.perf_counter() - t_start > args.budget:
+                    notes.append("- time budget reached, rows missing")
+                    break
+                view = gpu_encode.chunk_view(ctx[:, :, :, : b * CHUNK], CHUNK)
+                starts = [CHUNK * j for j in range(b)]
+                run = functools.partial(
+                    gpu_encode.encode_batch_gpu, view, profile, level=level, token_starts=starts
+                )
+                reps = 7 if b <= 8 else 5
+                t_e2e = wall(run, reps)
+                t_bytes = wall(lambda run=run: run().chunks(), 3)
+
+                def device_part(view=view, level=level, starts=starts, profile=profile) -> None:
+                    job = gpu_encode.prepare_encode(view, profile, level=level, token_starts=starts)
+                    gpu_encode.launch_transform(job)
+                    gpu_encode.launch_tables(job)
+                    gpu_encode.check_input(job)
+                    gpu_encode.launch_rans(job)
+                    gpu_encode.pack_device(job)
+
+                t_dev = wall(device_part, reps)
+                st = _encode_stages(view, profile, level, starts)
+                n = elt * b
+                bits = 8 * st["bytes"] / n
+                ms = " | ".join(
+                    f"{st[k] * 1e3:.3f}"
+                    for k in ("prep", "transform", "tables", "check", "rans", "pack", "copy_out")
+                )
+                rows.append(
+                    f"| {name} | {level} | {b} | {bits:.2f} | {t_e2e * 1e3:.2f} | {n / t_e2e / 1e9:.1f} "
+                    f"| {t_bytes * 1e3:.1f} | {t_dev * 1e3:.2f} | {n / t_dev / 1e9:.1f} | {ms} "
+                    f"| {st['bytes'] / 1e6:.1f} |"
+                )
+                print(rows[-1], flush=True)
+                write()
+                torch.cuda.empty_cache()
+        if name.startswith("Llama") and args.sweep:
+            _encode_sweep(ctx, profile, notes, t_start, args.budget)
+            write()
+        del ctx
+        torch.cuda.empty_cache()
+    if args.ceiling_mib:
+        _encode_ceilings(args, dev, notes, max(batches))
+    write()
+    print("\n".join([head, *rows, "", *notes]))
+
+
+def _encode_ceilings(args: argparse.Namespace, dev: torch.device, notes: list[str], nb: int) -> None:
+    """Copy, D2H, host CRC, host bytes and float32 GEMM rates on this machine, for the encoder's table."""
+    n = args.ceiling_mib << 20
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b2 = torch.empty_like(a)
+    t = events(functools.partial(b2.copy_, a), 10)
+    notes.append(
+        f"- ceiling: d2d copy {args.ceiling_mib} MiB: {t * 1e3:.3f} ms, "
+        f"{2 * n / t / 1e12:.2f} TB/s read + write"
+    )
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+    t = wall(functools.partial(pinned.copy_, a, non_blocking=True), 5)
+    notes.append(
+        f"- ceiling: D2H {args.ceiling_mib} MiB into pinned memory: {t * 1e3:.1f} ms, {n / t / 1e9:.1f} GB/s"
+    )
+    host = pinned.numpy()
+    pool = gpu._pool()
+    piece = 1 << 20
+    t = wall(lambda: list(pool.map(lambda lo: fmt.crc32(host[lo : lo + piece]), range(0, n, piece))), 5)
+    notes.append(
+        f"- ceiling: threaded CRC-32 ({fmt.crc32.__module__}) of {args.ceiling_mib} MiB in 1 MiB pieces: "
+        f"{t * 1e3:.1f} ms, "
+        f"{n / t / 1e9:.1f} GB/s"
+    )
+    t = wall(lambda: [host[lo : lo + (16 << 20)].tobytes() for lo in range(0, n, 16 << 20)], 3)
+    notes.append(
+        f"- ceiling: host copy into bytes objects (16 MiB each): {t * 1e3:.1f} ms, {n / t / 1e9:.1f} GB/s"
+    )
+    del a, b2, pinned
+    x = torch.randn(nb, 512, CHUNK, 128, device=dev)
+    w = torch.randn(512, 128, 128, device=dev)
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        t = events(lambda: torch.matmul(x, w), 5)
+        notes.append(
+            f"- ceiling: torch float32 batched GEMM, Llama transform shape ({nb} chunks, tf32 {tf32}): "
+            f"{t * 1e3:.3f} ms, {2 * x.numel() * 128 / t / 1e12:.1f} TFLOP/s"
+        )
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _encode_sweep(
+    ctx: torch.Tensor, profile: CalibrationProfile, notes: list[str], t_start: float, budget: float
+) -> None:
+    """Launch shapes of the transform and table kernels, and the pipeline's sub-batch size (64 chunks,
+    level 2); kernel outputs checked against the default's."""
+    b = ctx.shape[3] // CHUNK
+    view = gpu_encode.chunk_view(ctx, CHUNK)
+    starts = [CHUNK * j for j in range(b)]
+    job = gpu_encode.prepare_encode(view, profile, level=2, token_starts=starts)
+    saved = dict(gpu_encode.TUNING)
+    gpu_encode.launch_transform(job)
+    gpu_encode.launch_tables(job)
+    q_ref, cls_ref = job.q.clone(), job.classes.clone()
+    for prec, bt, bn, bk, warps in (
+        ("ieee", 128, 64, 32, 8),
+        ("ieee", 64, 64, 64, 4),
+        ("ieee", 64, 128, 32, 4),
+        ("tf32x3", 64, 64, 32, 4),
+    ):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(bt=bt, bn=bn, bk=bk, warps=warps, precision=prec)
+        try:
+            t = events(functools.partial(gpu_encode.launch_transform, job), 3)
+            diff = int((job.q != q_ref).sum())
+            notes.append(
+                f"- sweep transform {prec} BT {bt} BN {bn} BK {bk} warps {warps}: {t * 1e3:.3f} ms, "
+                f"{diff} coefficients differ from the default's"
+            )
+        except Exception as exc:
+            notes.append(f"- sweep transform {prec} {bt} {bn} {bk} {warps}: {type(exc).__name__}")
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    gpu_encode.launch_transform(job)
+    for bc, warps in ((32, 1), (128, 4), (64, 4)):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(table_bc=bc, table_warps=warps)
+        try:
+            t = events(functools.partial(gpu_encode.launch_tables, job), 3)
+            same = torch.equal(job.classes, cls_ref)
+            notes.append(f"- sweep tables BC {bc} warps {warps}: {t * 1e3:.3f} ms, same classes {same}")
+        except Exception as exc:
+            notes.append(f"- sweep tables {bc} {warps}: {type(exc).__name__}")
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    del job
+    for sub in (8, 32, 64):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(sub_batch=sub)
+        run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
+        t = wall(run, 3)
+        notes.append(f"- sweep sub-batch {sub} chunks, e2e 64 chunks level 2: {t * 1e3:.2f} ms")
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -340,13 +573,21 @@ def main() -> None:
     parser.add_argument("--max-chunks", type=int, default=64)
     parser.add_argument("--tune", action="store_true", help="sweep the kernels' launch shapes instead")
     parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated names from SHAPES")
-    parser.add_argument("--batches", default="1,8,32,64", help="decode batch sizes (chunks)")
+    parser.add_argument("--batches", default="1,8,32,64", help="batch sizes (chunks), decode or --encode")
     parser.add_argument(
         "--decode-variants",
         action="store_true",
         help="also sweep gpu.TUNING's rANS lookup and prefetch settings (level 2, before the table rows)",
     )
+    parser.add_argument("--encode", action="store_true", help="benchmark the encoder alone, by stage")
+    parser.add_argument(
+        "--sweep", action="store_true", help="with --encode: sweep the encoder's launch shapes"
+    )
+    parser.add_argument("--ceiling-mib", type=int, default=1024, help="with --encode: size of the ceilings")
     args = parser.parse_args()
+    if args.encode:
+        encode_bench(args)
+        return
     if args.tune:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         tune(Path(args.out))
@@ -449,7 +690,7 @@ def main() -> None:
             for i in range(0, max_b, 32):
                 kv_part = chunks[i : i + 32]
                 starts = [CHUNK * j for j in range(i, i + len(kv_part))]
-                encs = gpu.encode_chunks_gpu(kv_part, profile, level=level, token_starts=starts)
+                encs = gpu_encode.encode_chunks_gpu(kv_part, profile, level=level, token_starts=starts)
                 data.extend(e.data for e in encs)
             # Bit-exactness on the device: GPU decode vs CPU decode of the same bytes.
             ref = codec.decode_chunk(data[1], profile, backend="cpu")
@@ -475,7 +716,7 @@ def main() -> None:
             variants = [(32, data)]
             if (level == 2 or len(levels) == 1) and name.startswith("Llama"):
                 starts8 = [CHUNK * j for j in range(8)]
-                encs = gpu.encode_chunks_gpu(
+                encs = gpu_encode.encode_chunks_gpu(
                     chunks[:8], profile, level=level, token_starts=starts8, lanes=128
                 )
                 wide = [e.data for e in encs]

@@ -176,14 +176,14 @@ def encode_chunk(
     ``token_start`` is the absolute position of the chunk's first token (RoPE and sinks depend on it).
     ``base_step`` overrides the level's quantisation step (rate-distortion sweeps); the decoder reads
     the steps from the chunk, so any value decodes. ``backend`` "gpu" runs transform, quantisation,
-    table choice and rANS on the tensor's device with Triton (kvwire.kernels.gpu); "auto" does so for
+    table choice and rANS on the tensor's device with Triton (kvwire.kernels.gpu_encode); "auto" does so for
     CUDA tensors when Triton is there.
     """
     check_encode_options(level, lanes, token_start, base_step)
     if _use_gpu(backend, None, kv if isinstance(kv, torch.Tensor) else None):
-        from kvwire.kernels import gpu
+        from kvwire.kernels import gpu_encode
 
-        return gpu.encode_chunks_gpu(
+        return gpu_encode.encode_chunks_gpu(
             [torch.as_tensor(kv)],
             profile,
             level=level,

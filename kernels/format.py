@@ -139,6 +139,11 @@ def _section_arrays(s: ChunkSections) -> list[np.ndarray]:
     return [s.step_mant, s.step_exp, s.classes, s.states, s.offsets, s.words, s.raw_index, s.raw_values]
 
 
+def pack_header(h: ChunkHeader, payload_size: int, crc: int = 0) -> bytes:
+    """The 88 header bytes of ``h`` with the given payload size and CRC (encoders that pack elsewhere)."""
+    return _pack_header(h, payload_size, crc)
+
+
 def _pack_header(h: ChunkHeader, payload_size: int, crc: int) -> bytes:
     return _HEADER.pack(
         MAGIC,

@@ -8,9 +8,7 @@ coefficients, then one exact multiply by the step's power-of-two scale; see ``co
 multiplies and an add with the host's cos/sin tables. Every op is a separate torch kernel, so nothing is
 contracted into a fused multiply-add.
 
-Encoding runs transform, quantisation, histograms and table choice with torch on the device and the rANS
-encoder as a Triton kernel; its float32 rounding may pick other symbols than the CPU encoder would, which
-the format allows: any valid stream decodes identically on both paths.
+Encoding is in ``kvwire.kernels.gpu_encode``.
 
 On a machine without CUDA these functions still run on CPU tensors under ``TRITON_INTERPRET=1`` (how the
 tests check them).
@@ -31,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvwire.errors import CorruptChunkError, InvalidInputError
+from kvwire.errors import CorruptChunkError
 from kvwire.kernels import codec, rans
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
-from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
+from kvwire.kernels.tables import table_bank
 from kvwire.kernels.transform import rope_tables
 
 # Launch shapes (measured on an H200, see docs/gpu.md); module-level so that benchmarks can sweep them.
@@ -701,159 +699,3 @@ def _overwrite_raw_gpu(result: torch.Tensor, h: fmt.ChunkHeader, sec: fmt.ChunkS
     result[
         torch.from_numpy(layer).to(dev), torch.from_numpy(k).to(dev), :, torch.from_numpy(tok).to(dev), :
     ] = values
-
-
-# ----------------------------------------------------------------------------------------------- encode
-
-
-def symbols_of(values: torch.Tensor) -> torch.Tensor:
-    """The rANS alphabet symbol of each int32 coefficient (``rans._to_symbol``), int64."""
-    v = values.to(torch.int64)
-    a = v.abs()
-    k = torch.full_like(a, rans.MIN_OCTAVE)
-    for b in range(rans.MIN_OCTAVE + 1, rans.MAX_OCTAVE + 1):
-        k += (a >= (1 << b)).to(torch.int64)
-    big = 2 * rans.DIRECT_MAX + 1 + 2 * (k - rans.MIN_OCTAVE) + (v < 0).to(torch.int64)
-    return torch.where(a <= rans.DIRECT_MAX, v + rans.DIRECT_MAX, big)
-
-
-def choose_tables_gpu(symbols: torch.Tensor, bank: _DeviceBank) -> torch.Tensor:
-    """Cheapest table per component of int32 [n, d, T] coefficients: uint8 [n, d] (0 for dead ones)."""
-    n, d, T = symbols.shape
-    sym = symbols_of(symbols).view(n * d, T)
-    hist = torch.zeros(n * d, rans.NUM_SYMBOLS, dtype=torch.float64, device=symbols.device)
-    hist.scatter_add_(1, sym, torch.ones_like(sym, dtype=torch.float64))
-    cost = hist @ bank.code_length.T
-    index = (torch.argmin(cost, dim=1) + 1).to(torch.uint8)
-    dead = hist[:, rans.DIRECT_MAX] == T
-    return torch.where(dead, torch.zeros_like(index), index).view(n, d)
-
-
-def encode_chunks_gpu(
-    kvs: Sequence[torch.Tensor],
-    profile: CalibrationProfile,
-    *,
-    level: int = codec.DEFAULT_LEVEL,
-    token_starts: Sequence[int] | None = None,
-    model_fingerprint: str | None = None,
-    lanes: int = codec.DEFAULT_LANES,
-    base_step: float | None = None,
-) -> list[codec.EncodedChunk]:
-    """Encode chunks of the same shape ``[L, 2, H, T, D]`` on their device, one rANS launch for all."""
-    from kvwire.kernels import triton_rans as tr
-
-    if not kvs:
-        return []
-    starts = list(token_starts) if token_starts is not None else [0] * len(kvs)
-    if len(starts) != len(kvs):
-        raise InvalidInputError("one token_start per chunk")
-    dtypes = {codec.check_kv(kv, profile) for kv in kvs}
-    for s in starts:
-        codec.check_encode_options(level, lanes, s, base_step)
-    if len(dtypes) != 1 or len({tuple(kv.shape) for kv in kvs}) != 1:
-        raise InvalidInputError("chunks encoded together must share shape and dtype")
-    dtype = dtypes.pop()
-    kv = torch.stack([k.detach() for k in kvs])  # [B, L, 2, H, T, D]
-    dev = kv.device
-    x = kv.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise InvalidInputError("KV holds NaN or Inf values; kvwire does not encode non-finite caches")
-    B, L, _, H, T, D = x.shape
-    G, hpg, d = profile.groups, profile.heads_per_group, profile.group_dim
-    S = L * 2 * G
-    if profile.has_rope:
-        cos, sin = _rope_tensors(starts, T, profile, dev)
-        r = cos.shape[-1]
-        half = r // 2
-        sq = float(np.float32(profile.rope_scaling * profile.rope_scaling))
-        cs, sn = (cos / sq)[:, None, None], (sin / sq)[:, None, None]
-        rot = x[:, :, 0, :, :, :r]
-        x[:, :, 0, :, :, :r] = rot * cs - torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sn
-    dp = _device_profile(profile, dev)
-    xg = x.view(B, L, 2, G, hpg, T, D).permute(0, 1, 2, 3, 5, 4, 6).reshape(B, S, T, d)
-    coeff = torch.matmul(xg - dp.mean[None, :, None, :], dp.forward)  # [B, S, T, d], float32
-    mant, exp, steps = codec.step_codes(profile, level, base_step)
-    inv = torch.from_numpy((1.0 / steps).astype(np.float32)).to(dev).repeat_interleave(G).view(1, S, 1, 1)
-    scaled = coeff * inv
-    half_step = torch.full_like(scaled, 0.5 - codec.DEADZONE)
-    q = torch.trunc(scaled + torch.copysign(half_step, scaled))
-    ok = (q.abs() <= rans.MAX_ABS_VALUE).view(B, L, 2, G, T, d).all(dim=5).all(dim=3)  # [B, L, 2, T]
-    raw = ~ok
-    for i, s0 in enumerate(starts):
-        n_sink = max(0, min(T, profile.sink_tokens - s0))
-        raw[i, :, :, :n_sink] = True
-    raw_rows = raw[:, :, :, None, :].expand(B, L, 2, G, T).reshape(B, S, T, 1)
-    qi = torch.where(raw_rows, torch.zeros_like(q), q).to(torch.int32)
-    symbols = qi.transpose(-1, -2).contiguous().view(B * S, d, T)
-    bank = _device_bank(dev)
-    classes = choose_tables_gpu(symbols, bank)
-    live, n_live = _live_lists(classes)
-    scratch_size = 2 * d * T + 16
-    scratch = torch.empty(B * S, scratch_size, dtype=torch.int16, device=dev)
-    n_words = torch.empty(B * S, dtype=torch.int64, device=dev)
-    states = torch.zeros(B * S, lanes, dtype=torch.int64, device=dev)
-    tr.encode_kernel[(B * S,)](
-        symbols, live, n_live, classes.to(torch.int32), bank.freq, bank.cum, scratch, n_words, states,
-        d, T, lanes, scratch_size, BLOCK=_block(lanes), num_warps=max(1, _block(lanes) // 32),
-        MAX_OCTAVE=rans.MAX_OCTAVE, **tr.CONSTANTS,
-    )  # fmt: skip
-    # Compact: each segment's words, reversed (the decoder reads them in the opposite order).
-    counts = n_words.cpu().numpy()
-    total = int(counts.sum())
-    counts_d = n_words
-    seg_id = torch.repeat_interleave(torch.arange(B * S, device=dev), counts_d, output_size=total)
-    first = torch.cumsum(counts_d, 0) - counts_d
-    local = torch.arange(total, device=dev) - first[seg_id]
-    src = seg_id * scratch_size + counts_d[seg_id] - 1 - local
-    words = scratch.view(-1)[src].cpu().numpy().view(np.uint16)
-    classes_h = classes.cpu().numpy()
-    states_h = states.cpu().numpy().astype(np.uint32)
-    raw_h = raw.cpu().numpy()
-    out = []
-    word_pos = 0
-    for i in range(B):
-        seg_counts = counts[i * S : (i + 1) * S]
-        offsets = np.zeros(S + 1, dtype=np.uint32)
-        offsets[1:] = np.cumsum(seg_counts)
-        n = int(offsets[-1])
-        raw_index = np.flatnonzero(raw_h[i].reshape(-1)).astype(np.uint32)
-        header = fmt.ChunkHeader(
-            version=fmt.FORMAT_VERSION,
-            dtype=dtype,
-            level=level,
-            layers=L,
-            kv_heads=H,
-            head_dim=D,
-            heads_per_group=hpg,
-            lanes=lanes,
-            table_bank=TABLE_BANK_VERSION,
-            token_start=starts[i],
-            n_tokens=T,
-            n_raw=int(raw_index.size),
-            n_words=n,
-            model_fingerprint=codec.fingerprint_bytes(model_fingerprint),
-            profile_digest=bytes.fromhex(profile.digest)[:16],
-            payload_size=0,
-        )
-        sections = fmt.ChunkSections(
-            step_mant=np.repeat(mant[:, :, None], G, axis=2).reshape(-1),
-            step_exp=np.repeat(exp[:, :, None], G, axis=2).reshape(-1),
-            classes=classes_h[i * S : (i + 1) * S],
-            states=states_h[i * S : (i + 1) * S],
-            offsets=offsets,
-            words=words[word_pos : word_pos + n],
-            raw_index=raw_index,
-            raw_values=_raw_rows(kvs[i], raw[i], fmt.DTYPE_BYTES[dtype]),
-        )
-        word_pos += n
-        out.append(codec.EncodedChunk(fmt.pack_chunk(header, sections), level, starts[i], T))
-    return out
-
-
-def _raw_rows(kv: torch.Tensor, raw: torch.Tensor, nbytes: int) -> np.ndarray:
-    """Original values of the raw (layer, K/V, token) rows: uint8 [n_raw, H, D, dtype bytes]."""
-    layer, k, tok = torch.nonzero(raw, as_tuple=True)
-    if layer.numel() == 0:
-        return np.zeros((0, kv.shape[2], kv.shape[4], nbytes), dtype=np.uint8)
-    rows = kv.detach()[layer, k, :, tok, :].contiguous().cpu()
-    return rows.view(torch.uint8).numpy().reshape(layer.numel(), kv.shape[2], kv.shape[4], nbytes)

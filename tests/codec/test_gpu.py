@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvwire.errors import CorruptChunkError, InvalidInputError
-from kvwire.kernels import codec, gpu
+from kvwire.kernels import codec, gpu, gpu_encode
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, with_digest
 
@@ -202,13 +202,13 @@ def test_gpu_encoder_streams_decode_identically(
 
 def test_gpu_encoder_batch_and_validation(profile: CalibrationProfile) -> None:
     xs = [_kv(3, s, torch.float16).to(DEV) for s in (1, 2)]
-    encs = gpu.encode_chunks_gpu(xs, profile, level=1, token_starts=[0, 3], lanes=8)
+    encs = gpu_encode.encode_chunks_gpu(xs, profile, level=1, token_starts=[0, 3], lanes=8)
     assert [e.token_start for e in encs] == [0, 3]
     for e in encs:
         cpu, dev = _both(e.data, profile)
         assert torch.equal(cpu, dev)
     with pytest.raises(InvalidInputError):
-        gpu.encode_chunks_gpu([xs[0], _kv(4, 1, torch.float16).to(DEV)], profile)
+        gpu_encode.encode_chunks_gpu([xs[0], _kv(4, 1, torch.float16).to(DEV)], profile)
     bad = xs[0].clone()
     bad[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidInputError):
