@@ -342,6 +342,18 @@ class Client:
         self._fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._decode_s_per_chunk: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
+    def set_throttle(self, throttle: str | ThrottleConfig | TokenBucket | None) -> None:
+        """Emulate another link from now on: ``throttle`` as the constructor takes it (None: none).
+
+        A spec or ``ThrottleConfig`` gets a fresh bucket, so a trace starts at its time 0 now. The
+        next download (the next chunk or stream message of a load in progress) waits for the new
+        bucket; what this client has measured and cached (costs, fingerprints, profiles) is kept,
+        which is why a benchmark changes the link of one client rather than opening a new one.
+        """
+        bucket = make_bucket(throttle)  # a bad spec raises here, leaving the current link in place
+        self.transport.bucket = bucket
+        self.bucket = bucket
+
     def __enter__(self) -> Client:
         return self
 
@@ -493,7 +505,8 @@ class Client:
         client's controller. ``costs``: the device's recompute/decode costs (default: measured).
         """
         # Identifying the model and measuring its costs happen once per model object (the recompute
-        # cost once per process), before the load's clock starts; the clock (the SLO's) then runs from the manifest request on.
+        # cost once per process), before the load's clock starts; the clock (the SLO's) then runs
+        # from the manifest request on.
         if model_fingerprint is None:
             if tokenizer is None:
                 raise InvalidInputError(

@@ -456,5 +456,6 @@ def test_given_costs_are_used_instead_of_measuring(
 
     monkeypatch.setattr(kvwire.client.sdk, "recompute_s_per_token", refuse)
     costs = CostModel(recompute_s_per_token=1e-3, decode_s_per_chunk=0.01)
-    loaded = load(setup, ServiceTransport(setup.service), tmp_path, mode=Mode.adaptive(slo_s=5.0), costs=costs)
+    transport = ServiceTransport(setup.service)
+    loaded = load(setup, transport, tmp_path, mode=Mode.adaptive(slo_s=5.0), costs=costs)
     assert loaded.slo_met is True
