@@ -94,10 +94,9 @@ def load_once(
     client: Client, model: Any, tokenizer: Any, context_id: str, trace: BandwidthTrace, policy: str,
     slo_s: float,
 ) -> Any:  # fmt: skip
-    """One load with the link starting at ``trace``'s time 0 (a fresh bucket, swapped into the
-    client's transport so that the client keeps the decode cost it measured on earlier loads)."""
-    bucket = TokenBucket(trace=trace, burst_bytes=64 * 1024)
-    client.bucket = client.transport.bucket = bucket  # type: ignore[attr-defined]
+    """One load with the link starting at ``trace``'s time 0 (a fresh bucket on the same client,
+    which keeps the decode cost it measured on earlier loads)."""
+    client.set_throttle(TokenBucket(trace=trace, burst_bytes=64 * 1024))
     prior = trace.rate_at(0.0)
     estimator = ThroughputEstimator(
         method="last" if policy == "cachegen" else "harmonic", prior_bytes_per_s=prior
@@ -151,7 +150,7 @@ def run(args: argparse.Namespace) -> tuple[list[Run], dict[str, Any]]:
                         trace = base.shifted(offset)
                         # The reference load (unthrottled, level 0) also leaves its decode cost in the
                         # client, which the adaptive loads of this phase start from.
-                        client.bucket = client.transport.bucket = None  # type: ignore[attr-defined]
+                        client.set_throttle(None)
                         ref_s = client.load(
                             model, manifest.context_id, tokenizer=tokenizer, mode=Mode.fixed_level(0)
                         ).timings.total_s

@@ -19,6 +19,7 @@ import copy
 import functools
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -63,6 +64,36 @@ DEFAULT_DECODE_S_PER_CHUNK = 0.05
 DEFAULT_REQUEST_OVERHEAD_S = 2e-3
 #: Throughput assumed for the first chunk when nothing better is known (1 Gbit/s).
 DEFAULT_BANDWIDTH_BYTES_PER_S = 125e6
+
+#: Recompute seconds per token by model object, shared by every ``Client`` of the process: the cost
+#: belongs to the model on its device, not to a server connection, and timing it is a prefill.
+_RECOMPUTE_S_PER_TOKEN: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+#: Held while measuring, so that a model is measured once however many threads ask, and no two
+#: measurements share the device (which would skew both).
+_MEASURE_LOCK = threading.Lock()
+
+
+def recompute_s_per_token(model: Any, tokens: int = 256) -> float:
+    """Seconds per token to recompute ``model``'s KV, timed on a dummy ``tokens``-token prefill the
+    first time a model object is asked about (then cached for it, process-wide, until it is freed)."""
+    with _MEASURE_LOCK:
+        cached = _RECOMPUTE_S_PER_TOKEN.get(model)
+        if cached is not None:
+            return cached
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        device = next(model.parameters()).device
+        ids = torch.arange(tokens, device=device).reshape(1, -1) % vocab
+        with torch.no_grad():
+            model(ids[:, :8])  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model(ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        measured = (time.perf_counter() - start) / tokens
+        _RECOMPUTE_S_PER_TOKEN[model] = measured
+        return measured
 
 
 @dataclass
@@ -309,8 +340,19 @@ class Client:
             self.transport = transport
         self.profiles = ProfileCache(profile_dir)
         self._fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        self._recompute_s_per_token: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._decode_s_per_chunk: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def set_throttle(self, throttle: str | ThrottleConfig | TokenBucket | None) -> None:
+        """Emulate another link from now on: ``throttle`` as the constructor takes it (None: none).
+
+        A spec or ``ThrottleConfig`` gets a fresh bucket, so a trace starts at its time 0 now. The
+        next download (the next chunk or stream message of a load in progress) waits for the new
+        bucket; what this client has measured and cached (costs, fingerprints, profiles) is kept,
+        which is why a benchmark changes the link of one client rather than opening a new one.
+        """
+        bucket = make_bucket(throttle)  # a bad spec raises here, leaving the current link in place
+        self.transport.bucket = bucket
+        self.bucket = bucket
 
     def __enter__(self) -> Client:
         return self
@@ -400,21 +442,11 @@ class Client:
 
     def measure_costs(self, model: Any, tokens: int = 256) -> CostModel:
         """The device costs the controller plans with: recompute per token timed on a dummy
-        ``tokens``-token prefill of ``model`` (once per model object); decode per chunk as measured
-        by the last load into this model (a default before the first), and again during each load."""
-        if model not in self._recompute_s_per_token:
-            vocab = int(model.get_input_embeddings().num_embeddings)
-            device = next(model.parameters()).device
-            ids = torch.arange(tokens, device=device).reshape(1, -1) % vocab
-            with torch.no_grad():
-                model(ids[:, :8])  # warm-up
-                start = time.perf_counter()
-                model(ids)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            self._recompute_s_per_token[model] = (time.perf_counter() - start) / tokens
+        ``tokens``-token prefill of ``model`` (once per model object, shared by every client:
+        ``recompute_s_per_token``); decode per chunk as measured by this client's last load into this
+        model (a default before the first), and again during each load."""
         return CostModel(
-            recompute_s_per_token=self._recompute_s_per_token[model],
+            recompute_s_per_token=recompute_s_per_token(model, tokens),
             decode_s_per_chunk=self._decode_s_per_chunk.get(model, DEFAULT_DECODE_S_PER_CHUNK),
             request_overhead_s=DEFAULT_REQUEST_OVERHEAD_S,
         )
@@ -472,8 +504,9 @@ class Client:
         ``push`` (gRPC only): the server chooses per chunk (``StreamContext``) instead of this
         client's controller. ``costs``: the device's recompute/decode costs (default: measured).
         """
-        # Identifying the model and measuring its costs happen once per model object, before the
-        # load's clock starts; the clock (the SLO's) then runs from the manifest request on.
+        # Identifying the model and measuring its costs happen once per model object (the recompute
+        # cost once per process), before the load's clock starts; the clock (the SLO's) then runs
+        # from the manifest request on.
         if model_fingerprint is None:
             if tokenizer is None:
                 raise InvalidInputError(
@@ -573,4 +606,5 @@ __all__ = [
     "make_bucket",
     "parse_mode",
     "parse_profile",
+    "recompute_s_per_token",
 ]

@@ -81,6 +81,9 @@ class Transport(Protocol):
     """One kvwire server, over one protocol. Every method raises typed ``kvwire.errors`` errors."""
 
     name: str
+    #: The emulated link every download waits for (``kvwire.client.throttle``); None: unthrottled.
+    #: Read per request, so that ``Client.set_throttle`` can swap it between (and during) loads.
+    bucket: TokenBucket | None
 
     def create_context(
         self, *, text: str | None, token_ids: list[int] | None, context_id: str | None

@@ -411,6 +411,43 @@ class _Prefetch:
 # ------------------------------------------------------------------------------------------- server
 
 
+class PlannerWarmUp:
+    """The stream planner's compilation (``kvwire.controller.warm_up``), run in a background thread
+    when the gRPC API starts; :meth:`check` holds the process's readiness back until it is done.
+
+    Compiling takes about a second from numba's on-disk cache and ten without one (a fresh install);
+    the first adaptive ``StreamContext`` would otherwise pay it while its client waits. Liveness
+    (``/healthz``, ``Health``) answers meanwhile, readiness (``/readyz``, ``Health(ready)``) does not.
+    A compilation that fails is logged and releases readiness all the same: the rest of the API
+    serves, and a stream compiles the planner on first use as it would have without a warm-up.
+    """
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvwire-planner-warm-up", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            warm_up()  # once per process; later servers of the same process find it done
+        except Exception:
+            log.exception("stream planner warm-up failed; adaptive streams compile it on first use")
+        else:
+            log.info("stream planner compiled in %.1f s; ready", time.perf_counter() - started)
+        finally:
+            self.done.set()
+
+    def check(self) -> None:
+        """A readiness check (``KvwireService.readiness_checks``)."""
+        if not self.done.is_set():
+            raise BackendUnavailableError("not ready: the stream planner is still compiling (warm-up)")
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the warm-up is done (True) or ``timeout_s`` has passed (False)."""
+        return self.done.wait(timeout_s)
+
+
 @dataclass
 class GrpcServer:
     """A started gRPC server and the port it is bound to."""
@@ -419,6 +456,7 @@ class GrpcServer:
     port: int
     watchdog: SendWatchdog | None = None
     prefetcher: futures.ThreadPoolExecutor | None = None
+    planner: PlannerWarmUp | None = None
 
     def stop(self, grace_s: float | None = 5.0) -> None:
         self.server.stop(grace_s).wait()
@@ -449,7 +487,8 @@ def serve_grpc(
     """Start the gRPC API over ``service`` on ``settings.host:port`` (0 = a free port); do not block.
 
     TLS only when ``settings`` names a certificate and key; ``access`` (keys, rate limits) may be
-    shared with the REST app of the same process.
+    shared with the REST app of the same process. The service reports not ready (on every API of the
+    process) until the stream planner has compiled in the background (:class:`PlannerWarmUp`).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_max_workers, thread_name_prefix="kvwire-grpc"),
@@ -469,8 +508,9 @@ def serve_grpc(
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}: {exc}") from exc
     if bound == 0:
         raise InvalidInputError(f"cannot bind gRPC to {host}:{port}")
+    # Not ready (REST and gRPC alike: one service) until the planner is compiled; serving starts now.
+    planner = PlannerWarmUp()
+    service.readiness_checks.append(planner.check)
     server.start()
-    # The first adaptive stream would otherwise compile the planner while its client waits.
-    threading.Thread(target=warm_up, name="kvwire-controller-warm-up", daemon=True).start()
     log.info("kvwire gRPC API on %s:%d%s", host, bound, " (TLS)" if credentials else "")
-    return GrpcServer(server, bound, servicer.send_watchdog, servicer.prefetcher)
+    return GrpcServer(server, bound, servicer.send_watchdog, servicer.prefetcher, planner)

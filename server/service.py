@@ -439,6 +439,9 @@ class KvwireService:
         self._threads: list[threading.Thread] = []
         self._worker_lock = threading.Lock()  # inline ingests and the worker thread share one model
         self.manifests = ManifestCache(settings.manifest_cache_size, settings.manifest_cache_ttl_s)
+        #: More that ``health`` checks, added by what starts with the process (the gRPC API's
+        #: planner warm-up): each raises ``BackendUnavailableError`` while the process is not ready.
+        self.readiness_checks: list[Callable[[], None]] = []
 
     # -- ingest
 
@@ -551,7 +554,10 @@ class KvwireService:
             raise NotFoundError(f"no context {context_id!r}")
 
     def health(self) -> None:
-        """Return if the store and the job queue answer; ``BackendUnavailableError`` otherwise."""
+        """Return if the store and the job queue answer and every readiness check passes;
+        ``BackendUnavailableError`` otherwise."""
+        for check in self.readiness_checks:
+            check()
         self.store.health()
         self.jobs.health()
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvwire.client import Client, RetryPolicy
+from kvwire.client.throttle import TokenBucket
 from kvwire.client.transport import FetchedChunk, StreamedChunk, StreamSpec
 from kvwire.controller import Controller
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
@@ -84,6 +85,7 @@ class ServiceTransport:
 
     service: KvwireService
     name: str = "fake"
+    bucket: TokenBucket | None = None  # the Transport interface's throttle; this fake ignores it
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     fault: Fault | None = None
     profile_bytes: bytes | None = None  # served instead of the real profile

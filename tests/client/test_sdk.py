@@ -415,3 +415,47 @@ def test_parse_mode() -> None:
 def test_load_needs_a_way_to_identify_the_model(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="tokenizer"):
         make_client(ServiceTransport(setup.service), tmp_path).load(setup.model, "ctx")
+
+
+# ------------------------------------------------------------------------------------ measured costs
+
+
+class CountingModel(torch.nn.Module):
+    """A stand-in model that counts its forward passes (the recompute measurement runs two)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 4)
+        self.calls = 0
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.embed(ids)
+
+
+def test_recompute_cost_is_measured_once_per_model_across_clients(setup: Setup, tmp_path: Path) -> None:
+    model, other = CountingModel(), CountingModel()
+    first = make_client(ServiceTransport(setup.service), tmp_path).measure_costs(model, tokens=32)
+    assert model.calls == 2  # a warm-up pass and the timed one
+    second = make_client(ServiceTransport(setup.service), tmp_path).measure_costs(model, tokens=32)
+    assert model.calls == 2 and second.recompute_s_per_token == first.recompute_s_per_token > 0
+    make_client(ServiceTransport(setup.service), tmp_path).measure_costs(other, tokens=32)
+    assert other.calls == 2 and model.calls == 2  # each model object has its own measurement
+
+
+def test_given_costs_are_used_instead_of_measuring(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvwire.client.sdk
+
+    def refuse(model: Any, tokens: int = 256) -> float:
+        raise AssertionError("measured although costs were given")
+
+    monkeypatch.setattr(kvwire.client.sdk, "recompute_s_per_token", refuse)
+    costs = CostModel(recompute_s_per_token=1e-3, decode_s_per_chunk=0.01)
+    transport = ServiceTransport(setup.service)
+    loaded = load(setup, transport, tmp_path, mode=Mode.adaptive(slo_s=5.0), costs=costs)
+    assert loaded.slo_met is True

@@ -114,6 +114,27 @@ def test_operations_and_throttle(transport: Any, setup: Setup) -> None:
         transport.create_context(text=None, token_ids=[10**9], context_id="bad")
 
 
+def test_set_throttle_swaps_the_link_of_an_existing_client(
+    transport: Any, setup: Setup, tmp_path: Path
+) -> None:
+    client = Client("unused", transport=transport, profile_dir=tmp_path)
+    first, second = transport.bucket, CountingBucket()
+    client.set_throttle(second)
+    assert client.bucket is transport.bucket is second
+    client.load_tensors("ctx", level=3)
+    assert second.bytes >= sum(c.level(3).nbytes for c in setup.manifest.chunks) and first.bytes == 0
+    client.set_throttle("500mbps")  # a spec, as the constructor takes: a fresh bucket at that rate
+    assert isinstance(transport.bucket, TokenBucket) and transport.bucket.rate_now() == 500e6 / 8
+    with pytest.raises(InvalidInputError):
+        client.set_throttle("fast please")
+    assert transport.bucket.rate_now() == 500e6 / 8  # a bad spec leaves the link as it was
+    client.set_throttle(None)
+    assert client.bucket is transport.bucket is None
+    counted = second.bytes
+    client.load_tensors("ctx", level=3)  # unthrottled: no bucket sees it
+    assert second.bytes == counted
+
+
 def test_rest_has_no_push_stream(rest: RestTransport) -> None:
     from kvwire.client.transport import StreamSpec
 

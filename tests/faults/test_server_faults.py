@@ -264,3 +264,36 @@ def _close_stalled() -> Iterator[None]:
     yield
     while _STALLED:
         _STALLED.pop().close()
+
+
+# ------------------------------------------------------------------------------------------ start-up
+
+
+def test_ready_only_once_the_stream_planner_is_compiled(tmp_path: Path, redis_proc: RedisProcess) -> None:
+    """A fresh ``kvwire serve`` (an empty numba cache: the planner compiles from scratch) answers
+    liveness at once but reports ready only after the planner's warm-up, which leaves its compiled
+    code in numba's on-disk cache for the next start."""
+    numba_cache = tmp_path / "numba-cache"
+    server = start_server(
+        tmp_path, server_env("local", tmp_path, redis_proc, NUMBA_CACHE_DIR=str(numba_cache))
+    )
+    channel, stub = grpc_stub(server)
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            assert client.get("/healthz").status_code == 200
+            not_ready: list[str] = []
+
+            def ready() -> bool:
+                r = client.get("/readyz")
+                if r.status_code != 200:
+                    not_ready.append(rest_error(r)["message"])
+                return r.status_code == 200
+
+            wait_until(ready, 300, "readiness")
+            assert "stream planner compiled" in server.log_path.read_text(errors="replace")
+            assert all("compiling" in m for m in not_ready), not_ready
+        assert stub.Health(pb.HealthRequest(ready=True), timeout=10).status == "ready"
+        assert list(numba_cache.rglob("*.nbi")), "the planner was not cached on disk"
+    finally:
+        channel.close()
+        server.stop()

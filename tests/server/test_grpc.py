@@ -37,6 +37,7 @@ BOB = (("authorization", "Bearer bob-key"),)
 @pytest.fixture
 def stub(service: KvwireService, settings: ServiceSettings) -> Iterator[pb_grpc.KvwireStub]:
     server = serve_grpc(service, settings, 0)
+    assert server.planner is not None and server.planner.wait(120)  # ready, as clients would wait for
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel:
             yield pb_grpc.KvwireStub(channel)
@@ -112,6 +113,41 @@ def test_health_needs_no_auth(stub: Any) -> None:
     assert stub.Health(pb.HealthRequest()).status == "ok"
     ready = stub.Health(pb.HealthRequest(ready=True))
     assert ready.status == "ready" and ready.version
+
+
+def test_not_ready_until_the_stream_planner_is_compiled(
+    service: KvwireService, settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner compiles in the background: alive at once, ready (gRPC and REST) once compiled."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import kvwire.server.grpc_server
+    from kvwire.server.rest import create_app
+
+    compiled = threading.Event()
+    monkeypatch.setattr(kvwire.server.grpc_server, "warm_up", lambda: compiled.wait(60))
+    server = serve_grpc(service, settings, 0)
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{server.port}", options=CHANNEL_OPTIONS) as channel,
+            TestClient(create_app(service, settings), raise_server_exceptions=False) as rest,
+        ):
+            stub = pb_grpc.KvwireStub(channel)
+            assert stub.Health(pb.HealthRequest()).status == "ok"
+            assert rest.get("/healthz").status_code == 200
+            ready = pb.HealthRequest(ready=True)
+            assert_status(lambda: stub.Health(ready), grpc.StatusCode.UNAVAILABLE, "BackendUnavailableError")
+            answer = rest.get("/readyz")
+            assert answer.status_code == 503 and "compiling" in answer.json()["error"]["message"]
+            compiled.set()
+            assert server.planner is not None and server.planner.wait(10)
+            assert stub.Health(ready).status == "ready"
+            assert rest.get("/readyz").json() == {"status": "ready"}
+    finally:
+        compiled.set()
+        server.stop(grace_s=None)
 
 
 def test_unknown_ids_are_not_found(stub: Any) -> None:

@@ -52,7 +52,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, ca_file: Path, log: Pat
         if proc.poll() is not None:
             raise AssertionError(f"kvwire serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/healthz", verify=_trusting(ca_file), timeout=2).status_code == 200:
+            # /readyz: also waits for the gRPC API's planner warm-up (kvwire.server.grpc_server).
+            if httpx.get(f"{url}/readyz", verify=_trusting(ca_file), timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
