@@ -39,7 +39,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     KVWIRE_HOST=0.0.0.0 \
     KVWIRE_PORT=8080 \
     KVWIRE_GRPC_PORT=50051 \
-    KVWIRE_DATA_DIR=/var/lib/kvwire
+    KVWIRE_DATA_DIR=/var/lib/kvwire \
+    NUMBA_CACHE_DIR=/home/kvwire/.cache/numba
 
 # CUDA runtime images are plain Ubuntu: give them a Python with venv (python:*-slim already has one).
 # hadolint ignore=DL3008

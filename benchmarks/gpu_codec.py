@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from kvwire.kernels import codec, gpu, gpu_encode
+from kvwire.kernels import codec, gpu, gpu_encode, host_crc
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
 from kvwire.kernels.transform import remove_rope, rope_tables
@@ -481,7 +481,7 @@ def _encode_ceilings(args: argparse.Namespace, dev: torch.device, notes: list[st
         f"- ceiling: D2H {args.ceiling_mib} MiB into pinned memory: {t * 1e3:.1f} ms, {n / t / 1e9:.1f} GB/s"
     )
     host = pinned.numpy()
-    pool = gpu._pool()
+    pool = host_crc.pool()
     piece = 1 << 20
     t = wall(lambda: list(pool.map(lambda lo: fmt.crc32(host[lo : lo + piece]), range(0, n, piece))), 5)
     notes.append(

@@ -19,10 +19,9 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import itertools
-import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from kvwire.errors import CorruptChunkError
-from kvwire.kernels import codec, rans
+from kvwire.kernels import codec, host_crc, rans
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
 from kvwire.kernels.tables import table_bank
@@ -132,32 +131,6 @@ def _device_profile(profile: CalibrationProfile, device: torch.device) -> _Devic
     return dp
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-_PIECE = 1 << 20  # bytes a thread checksums and copies at a time (when pieces can be combined)
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that checksum and stage chunk bytes (zlib and ISA-L release the GIL)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="kvwire-crc"
-            )
-        return _POOL
-
-
-@functools.cache
-def _crc32_combine() -> Callable[[int, int, int], int] | None:
-    """ISA-L's ``crc32_combine`` (lets threads checksum one chunk in pieces), or None."""
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return None
-    return getattr(isal_zlib, "crc32_combine", None)
-
-
 _STAGING: dict[str, torch.Tensor] = {}
 _STAGING_LOCK = threading.Lock()  # one staging buffer per device, shared by every decoding thread
 
@@ -225,7 +198,7 @@ def _checksum_and_copy(
 ) -> Iterator[tuple[int, int]]:
     """Each chunk's (stored, computed) CRC-32 in order, computed in threads that also copy the bytes to
     ``host``; a chunk's pair is yielded once all its bytes are there."""
-    combine = _crc32_combine()
+    combine = host_crc.crc32_combine()
 
     def piece(i: int, lo: int, hi: int) -> int:
         v = views[i]
@@ -236,9 +209,9 @@ def _checksum_and_copy(
         return fmt.crc32(v[lo:hi])
 
     jobs: list[list[tuple[int, concurrent.futures.Future[int]]]] = []
-    pool = _pool()
+    pool = host_crc.pool()
     for i, v in enumerate(views):
-        step = _PIECE if combine is not None else len(v)
+        step = host_crc.PIECE if combine is not None else len(v)
         cuts = [0, *range(max(step, fmt.HEADER_SIZE), len(v), step), len(v)]
         jobs.append([(hi - lo, pool.submit(piece, i, lo, hi)) for lo, hi in itertools.pairwise(cuts)])
     for i, parts in enumerate(jobs):
@@ -250,14 +223,15 @@ def _checksum_and_copy(
         yield stored, crc & 0xFFFFFFFF
 
 
-def _live_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def live_lists(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The lane plan's live components: (int32 [S, d] live components first, in order; int32 [S] count)."""
     dead = (classes == 0).to(torch.int8)
     live = torch.sort(dead, dim=1, stable=True).indices.to(torch.int32).contiguous()
     return live, (1 - dead).sum(1, dtype=torch.int32)
 
 
-def _block(lanes: int) -> int:
+def lane_block(lanes: int) -> int:
+    """The Triton block (a power of two, at least 16) holding a segment's ``lanes`` rANS lanes."""
     return max(16, 1 << (max(lanes, 1) - 1).bit_length())
 
 
@@ -424,7 +398,7 @@ def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBa
     else:  # gathered from the bytes with one index op
         idx = meta_d[11 * S : 11 * S + B, None] + torch.arange(SP * d, device=dev)[None, :]
         classes = staged.buf[idx.view(-1)].view(S, d)
-    live, n_live = _live_lists(classes)
+    live, n_live = live_lists(classes)
     fused = _fusable(profile)
     q0 = int(q_base[-1])
     q = (torch.empty if fused else torch.zeros)(q0 + 1, dtype=torch.int32, device=dev)
@@ -539,7 +513,7 @@ def launch_decode(batch: DecodeBatch) -> None:
     from kvwire.kernels import triton_rans as tr
 
     buf = batch.staged.buf
-    block = _block(batch.max_lanes)
+    block = lane_block(batch.max_lanes)
     S = len(batch.status)
     segs = TUNING["rans_segs"]
     # Few segments (one chunk): spread wide lane vectors over warps for latency; many: one warp each,

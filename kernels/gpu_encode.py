@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kvwire.errors import InvalidInputError
-from kvwire.kernels import codec, gpu, rans
+from kvwire.kernels import codec, gpu, host_crc, rans
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile
 from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
@@ -313,13 +313,13 @@ def launch_rans(job: EncodeJob) -> None:
 
     B, S, T, d = job.q.shape
     table, _ = _encoder_bank(job.q.device)
-    live, n_live = gpu._live_lists(job.classes)
+    live, n_live = gpu.live_lists(job.classes)
     cap = 2 * d * T  # at most two words per coefficient
     dev = job.q.device
     job.scratch = torch.empty((B * S, cap), dtype=torch.int16, device=dev)
     job.n_words = torch.empty(B * S, dtype=torch.int32, device=dev)
     job.states = torch.zeros((B * S, job.lanes), dtype=torch.int32, device=dev)
-    block = gpu._block(job.lanes)
+    block = gpu.lane_block(job.lanes)
     te.rans_kernel[(B * S,)](
         job.q, job.rows, live, n_live, job.classes, table, job.scratch, job.n_words, job.states,
         S, T, d, job.profile.groups, job.lanes, cap, BLOCK=block, num_warps=max(1, block // 32),
@@ -446,12 +446,12 @@ class _HostCopy:
 
     def checksum(self) -> None:
         """Submit each chunk's CRC-32 as soon as its copy is done (waits for the copies)."""
-        combine = gpu._crc32_combine()
-        pool = gpu._pool()
+        combine = host_crc.crc32_combine()
+        pool = host_crc.pool()
         # Pieces of at least 1 MiB, about two per thread over the buffer: one per chunk for a large
         # batch, a single chunk split over every thread (few submissions: each costs Python time).
-        per_thread = -(-self.host.shape[0] // (2 * pool._max_workers))
-        piece = max(self.sizes) if combine is None else max(gpu._PIECE, per_thread)
+        per_thread = -(-self.host.shape[0] // (2 * host_crc.WORKERS))
+        piece = max(self.sizes) if combine is None else max(host_crc.PIECE, per_thread)
         host = self.host
 
         def crc(lo: int, hi: int) -> int:
@@ -467,7 +467,7 @@ class _HostCopy:
         """Store every chunk's CRC-32 in its header; the host buffer."""
         if not self.jobs:
             self.checksum()
-        combine = gpu._crc32_combine()
+        combine = host_crc.crc32_combine()
         for lo, parts in zip(self.bases, self.jobs, strict=True):
             value = parts[0][1].result()
             for n, fut in parts[1:]:

@@ -11,4 +11,6 @@ for f in "$root"/kvwire/*; do ln -s "$f" "$tree/kvwire/"; done
 ln -s "$root/kernels" "$tree/kvwire/kernels"
 ln -s "$root/server" "$tree/kvwire/server"
 ln -s "$root/client" "$tree/kvwire/client"
-cd "$tree" && mypy -p kvwire --config-file "$root/pyproject.toml"
+mypy=mypy
+command -v mypy >/dev/null || mypy="$root/.venv/bin/mypy"  # scripts/setup.sh's venv, not activated
+cd "$tree" && "$mypy" -p kvwire --config-file "$root/pyproject.toml"

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvwire.errors import CorruptChunkError, InvalidInputError
-from kvwire.kernels import codec, gpu, gpu_encode
+from kvwire.kernels import codec, gpu, gpu_encode, host_crc
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, with_digest
 
@@ -327,11 +327,11 @@ def test_threaded_checksums_in_pieces_and_whole(
 ) -> None:
     """CRC-32s in pieces, combined (ISA-L), or whole (zlib): same verdicts, no launch on a bad one."""
     if pieces:
-        if gpu._crc32_combine() is None:
+        if host_crc.crc32_combine() is None:
             pytest.skip("isal is not installed")
-        monkeypatch.setattr(gpu, "_PIECE", 100)
+        monkeypatch.setattr(host_crc, "PIECE", 100)
     else:
-        monkeypatch.setattr(gpu, "_crc32_combine", lambda: None)
+        monkeypatch.setattr(host_crc, "crc32_combine", lambda: None)
     x = _kv(3, 12, torch.bfloat16)
     other = codec.encode_chunk(x, profile, level=3, token_start=5, backend="cpu").data
     got = gpu.decode_chunks_gpu([chunk_bytes, other], profile, device=DEV)
