@@ -406,14 +406,14 @@ def test_kvwire_serve_runs_grpc_beside_rest(
 
     def fake_server_run(self: uvicorn.Server, sockets: Any = None) -> None:  # instead of serving REST
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            answers.append(pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(ready=True), timeout=10))
+            answers.append(pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=10))  # alive
         self.started = True
 
     monkeypatch.setattr(kvwire.server.service, "build_service", lambda s: service)
     monkeypatch.setattr(service, "close", lambda: None)
     monkeypatch.setattr(uvicorn.Server, "run", fake_server_run)
     serve(settings.model_copy(update={"grpc_port": port}))
-    assert [a.status for a in answers] == ["ready"]
+    assert [a.status for a in answers] == ["ok"]
     # Stopped with the REST server.
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
         pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=1)
