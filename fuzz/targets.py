@@ -176,7 +176,7 @@ def check_gpu_validation(data: bytes) -> None:
 
 def _check_decode_batch(b: object) -> None:
     """Every index the rANS and reconstruction kernels compute from the batch metadata stays in bounds."""
-    from kvwire.kernels.gpu import DecodeBatch, _block
+    from kvwire.kernels.gpu import DecodeBatch, lane_block
 
     assert isinstance(b, DecodeBatch)
     parsed = b.staged.parsed
@@ -190,7 +190,7 @@ def _check_decode_batch(b: object) -> None:
     w_start, w_end, state0, lanes, n_tok, q_off = rans.T
     if np.any(w_start < 0) or np.any(w_start > w_end) or np.any(w_end > n_bytes // 2):
         raise FuzzFinding("a segment's word range leaves the chunk buffer")
-    if np.any(lanes < 1) or np.any(lanes > b.max_lanes) or b.max_lanes > _block(b.max_lanes):
+    if np.any(lanes < 1) or np.any(lanes > b.max_lanes) or b.max_lanes > lane_block(b.max_lanes):
         raise FuzzFinding("lane counts exceed the kernel's lane block")
     if np.any(state0 < 0) or np.any(state0 + lanes > n_bytes // 4):
         raise FuzzFinding("a segment's rANS states leave the chunk buffer")
