@@ -9,7 +9,7 @@ import torch
 
 import kvwire
 from kvwire.errors import ModelMismatchError
-from kvwire.model import model_fingerprint, prefill_kv, tensor_to_cache, text_tokens
+from kvwire.model import cache_kwargs, model_fingerprint, prefill_kv, tensor_to_cache, text_tokens
 
 
 @pytest.mark.integration
@@ -29,7 +29,7 @@ def test_decoded_cache_generates_like_the_original(smollm2: tuple[Any, Any], smo
 
     def greedy(past: Any) -> list[int]:
         full = torch.cat([torch.tensor([context]), prompt], dim=1)
-        out = model.generate(full, past_key_values=past, max_new_tokens=16, do_sample=False)
+        out = model.generate(full, **cache_kwargs(model, past), max_new_tokens=16, do_sample=False)
         return out[0, full.shape[1] :].tolist()
 
     reference = greedy(tensor_to_cache(prefill_kv(model, context)))

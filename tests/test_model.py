@@ -13,8 +13,10 @@ from kvwire.errors import InvalidInputError, NotFoundError
 from kvwire.kernels.transform import apply_rope, remove_rope, rope_tables
 from kvwire.model import (
     LICENSES_DIR,
+    cache_kwargs,
     cache_to_tensor,
     model_fingerprint,
+    output_cache,
     prefill_kv,
     rope_parameters,
     tensor_to_cache,
@@ -75,13 +77,13 @@ def test_cache_round_trip_and_continuation_logits_match() -> None:
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model(ids[:, :30], use_cache=True).past_key_values
+        cache = output_cache(model(ids[:, :30], use_cache=True))
     kv = cache_to_tensor(cache)
     assert kv.shape == (2, 2, 2, 30, 8)
     rebuilt = tensor_to_cache(kv, model.config)
     assert torch.equal(cache_to_tensor(rebuilt), kv)
     with torch.no_grad():
-        tail = model(ids[:, 30:], past_key_values=rebuilt).logits
+        tail = model(ids[:, 30:], **cache_kwargs(model, rebuilt)).logits
     torch.testing.assert_close(tail, full[:, 30:], atol=1e-5, rtol=1e-5)
     assert cache_to_tensor(rebuilt).shape[3] == 40  # the forward pass grew the rebuilt cache
     assert kv.shape[3] == 30  # ... but not the tensor it was built from
@@ -92,7 +94,7 @@ def test_generate_accepts_rebuilt_cache() -> None:
     ids = torch.randint(0, 97, (1, 12))
     kv = prefill_kv(model, ids[0, :-1])
     out = model.generate(
-        ids, past_key_values=tensor_to_cache(kv, model.config), max_new_tokens=4, do_sample=False
+        ids, **cache_kwargs(model, tensor_to_cache(kv, model.config)), max_new_tokens=4, do_sample=False
     )
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, expected)
@@ -102,14 +104,14 @@ def test_prefill_in_blocks_matches_one_pass() -> None:
     model = tiny_llama()
     ids = torch.randint(0, 97, (50,))
     with torch.no_grad():
-        one_pass = cache_to_tensor(model(ids[None], use_cache=True).past_key_values)
+        one_pass = cache_to_tensor(output_cache(model(ids[None], use_cache=True)))
     torch.testing.assert_close(prefill_kv(model, ids, block_tokens=16), one_pass, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_to_tensor_rejects_batch_of_two() -> None:
     model = tiny_llama()
     with torch.no_grad():
-        cache = model(torch.randint(0, 97, (2, 5)), use_cache=True).past_key_values
+        cache = output_cache(model(torch.randint(0, 97, (2, 5)), use_cache=True))
     with pytest.raises(InvalidInputError):
         cache_to_tensor(cache)
 

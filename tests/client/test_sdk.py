@@ -25,7 +25,7 @@ from kvwire.errors import (
     ServerUnavailableError,
 )
 from kvwire.manifest import ContextManifest, Job
-from kvwire.model import cache_to_tensor, prefill_kv, tensor_to_cache
+from kvwire.model import cache_kwargs, cache_to_tensor, prefill_kv, tensor_to_cache
 
 from .conftest import CHUNK_TOKENS, FAST_RETRY, ServiceTransport, Setup, make_client, push_stream
 
@@ -118,7 +118,7 @@ def test_text_chunks_are_recomputed_on_top_of_decoded_ones(setup: Setup, tmp_pat
     prefix_cache = tensor_to_cache(before[:, :, :, :CHUNK_TOKENS].clone(), setup.model.config)
     ids = torch.tensor([setup.manifest.chunks[1].token_ids])
     with torch.no_grad():
-        setup.model(ids, past_key_values=prefix_cache, use_cache=True)
+        setup.model(ids, **cache_kwargs(setup.model, prefix_cache), use_cache=True)
     torch.testing.assert_close(cache_to_tensor(prefix_cache), before, atol=1e-5, rtol=1e-5)
     # and close to the prefill's KV for those tokens
     assert (kv - ref).pow(2).mean() < 0.05 * ref.pow(2).mean()
