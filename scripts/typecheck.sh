@@ -11,6 +11,7 @@ for f in "$root"/kvwire/*; do ln -s "$f" "$tree/kvwire/"; done
 ln -s "$root/kernels" "$tree/kvwire/kernels"
 ln -s "$root/server" "$tree/kvwire/server"
 ln -s "$root/client" "$tree/kvwire/client"
+ln -s "$root/fuzz" "$tree/fuzz"  # the fuzz harness reaches into the codec: check it too
 mypy=mypy
 command -v mypy >/dev/null || mypy="$root/.venv/bin/mypy"  # scripts/setup.sh's venv, not activated
-cd "$tree" && "$mypy" -p kvwire --config-file "$root/pyproject.toml"
+cd "$tree" && "$mypy" -p kvwire -p fuzz --config-file "$root/pyproject.toml"
