@@ -21,9 +21,9 @@ import functools
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ TUNING: dict[str, Any] = {
     "recon_bt": 64,
     "recon_warps": 4,
 }
+T = TypeVar("T")
 _STATUS_TEXT = {1: "bad initial state", 2: "overrun", 3: "unread words", 4: "bad final state"}
 
 
@@ -91,44 +92,63 @@ def _device_bank(device: torch.device) -> _DeviceBank:
     )
 
 
+class ProfileCache(Generic[T]):
+    """Data built from a calibration profile for one device, kept for the few most recent (profile, device)
+    pairs: the GPU decoder and encoder each keep their matrices on the device this way, since a server
+    may see many models. Thread-safe; a pair built twice at once keeps the later copy."""
+
+    def __init__(self, size: int, build: Callable[[CalibrationProfile, torch.device], T]) -> None:
+        self.size = size
+        self._build = build
+        self._items: OrderedDict[tuple[str, str], T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, profile: CalibrationProfile, device: torch.device) -> T:
+        key = (profile.digest, str(device))
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                return item
+        item = self._build(profile, device)  # outside the lock: uploads take a while
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass(frozen=True)
 class _DeviceProfile:
     basis: torch.Tensor  # float64 [S, d, d]: the integer basis (exact in float64)
     basis_exp: np.ndarray  # int64 [S]
     mean: torch.Tensor  # float32 [S, d]
-    forward: torch.Tensor  # float32 [S, d, d]: encoder transform
     b0: torch.Tensor  # int8 [S, d, d]: basis & 127 (the reconstruction kernel's low digit)
     b1: torch.Tensor  # int8 [S, d, d]: basis >> 7 (high digit, -128..127 as |basis| < 2**14)
 
 
-_PROFILE_CACHE: OrderedDict[tuple[str, str], _DeviceProfile] = OrderedDict()
-PROFILE_CACHE_SIZE = 8  # profiles (per device) kept on the GPU; a server may see many models
-_PROFILE_LOCK = threading.Lock()
-
-
-def _device_profile(profile: CalibrationProfile, device: torch.device) -> _DeviceProfile:
-    """A profile's decoder and encoder matrices on ``device``, cached by digest."""
-    key = (profile.digest, str(device))
-    with _PROFILE_LOCK:
-        dp = _PROFILE_CACHE.get(key)
-        if dp is not None:
-            _PROFILE_CACHE.move_to_end(key)
-            return dp
+def _build_device_profile(profile: CalibrationProfile, device: torch.device) -> _DeviceProfile:
     S, d = profile.layers * 2 * profile.groups, profile.group_dim
     basis = np.ascontiguousarray(profile.basis.reshape(S, d, d)).astype(np.int16)
-    dp = _DeviceProfile(
+    return _DeviceProfile(
         basis=torch.from_numpy(profile.basis.reshape(S, d, d).astype(np.float64)).to(device),
         basis_exp=profile.basis_exp.reshape(S).astype(np.int64),
         mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
-        forward=torch.from_numpy(codec.profile_forward(profile).reshape(S, d, d)).to(device),
         b0=torch.from_numpy((basis & 127).astype(np.int8)).to(device),
         b1=torch.from_numpy((basis >> 7).astype(np.int8)).to(device),
     )
-    with _PROFILE_LOCK:
-        _PROFILE_CACHE[key] = dp
-        while len(_PROFILE_CACHE) > PROFILE_CACHE_SIZE:
-            _PROFILE_CACHE.popitem(last=False)
-    return dp
+
+
+PROFILE_CACHE_SIZE = 8  # profiles (per device) kept on the GPU; a server may see many models
+_PROFILE_CACHE = ProfileCache(PROFILE_CACHE_SIZE, _build_device_profile)
+
+
+def _device_profile(profile: CalibrationProfile, device: torch.device) -> _DeviceProfile:
+    """A profile's decoder matrices on ``device``, cached by digest."""
+    return _PROFILE_CACHE.get(profile, device)
 
 
 _STAGING: dict[str, torch.Tensor] = {}

@@ -21,8 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import struct
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,32 +58,22 @@ class _EncoderProfile:
     inv_freq: torch.Tensor  # float64 [rotary_dim / 2]
 
 
-_PROFILES: OrderedDict[tuple[str, str], _EncoderProfile] = OrderedDict()
-_PROFILES_SIZE = 8
-_PROFILES_LOCK = threading.Lock()
+def _build_encoder_profile(profile: CalibrationProfile, device: torch.device) -> _EncoderProfile:
+    S, d = profile.layers * 2 * profile.groups, profile.group_dim
+    forward = np.ascontiguousarray(codec.profile_forward(profile).reshape(S, d, d))
+    return _EncoderProfile(
+        mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
+        forward=torch.from_numpy(forward).to(device),
+        inv_freq=torch.from_numpy(profile.inv_freq.astype(np.float64)).to(device),
+    )
+
+
+_PROFILES = gpu.ProfileCache(gpu.PROFILE_CACHE_SIZE, _build_encoder_profile)
 
 
 def _encoder_profile(profile: CalibrationProfile, device: torch.device) -> _EncoderProfile:
     """The profile's encoder matrices on ``device``, cached by digest (a few most recent)."""
-    key = (profile.digest, str(device))
-    with _PROFILES_LOCK:
-        ep = _PROFILES.get(key)
-        if ep is not None:
-            _PROFILES.move_to_end(key)
-            return ep
-    S, d = profile.layers * 2 * profile.groups, profile.group_dim
-    ep = _EncoderProfile(
-        mean=torch.from_numpy(np.ascontiguousarray(profile.mean.reshape(S, d), np.float32)).to(device),
-        forward=torch.from_numpy(np.ascontiguousarray(codec.profile_forward(profile).reshape(S, d, d))).to(
-            device
-        ),
-        inv_freq=torch.from_numpy(profile.inv_freq.astype(np.float64)).to(device),
-    )
-    with _PROFILES_LOCK:
-        _PROFILES[key] = ep
-        while len(_PROFILES) > _PROFILES_SIZE:
-            _PROFILES.popitem(last=False)
-    return ep
+    return _PROFILES.get(profile, device)
 
 
 _BANKS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
