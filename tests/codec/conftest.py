@@ -13,6 +13,7 @@ if os.environ.get("KVWIRE_TEST_DEVICE", "cpu") == "cpu":
 
 import numpy as np
 import pytest
+import torch
 
 from kvwire.kernels.profile import CalibrationProfile, fit_profile
 from kvwire.kernels.transform import remove_rope, rope_tables
@@ -49,3 +50,15 @@ def make_profile(
 @pytest.fixture(scope="session")
 def profile() -> CalibrationProfile:
     return make_profile()
+
+
+def triton_test_device() -> torch.device:
+    """The device the Triton-kernel tests run on, or skip the calling module (call it at import time):
+    CPU tensors under TRITON_INTERPRET=1 (CI), or ``KVWIRE_TEST_DEVICE=cuda`` on a GPU."""
+    triton = pytest.importorskip("triton")
+    device = torch.device(os.environ.get("KVWIRE_TEST_DEVICE", "cpu"))
+    if device.type == "cpu" and not triton.knobs.runtime.interpret:  # set at the top of this file
+        pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported", allow_module_level=True)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("KVWIRE_TEST_DEVICE=cuda without a CUDA device", allow_module_level=True)
+    return device

@@ -8,7 +8,6 @@ tests run the compiled kernels on a GPU.
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 import zlib
 
@@ -23,14 +22,9 @@ from kvwire.kernels import codec, gpu, gpu_encode, host_crc
 from kvwire.kernels import format as fmt
 from kvwire.kernels.profile import CalibrationProfile, with_digest
 
-from .conftest import make_profile, synthetic_kv
+from .conftest import make_profile, synthetic_kv, triton_test_device
 
-triton = pytest.importorskip("triton")
-DEV = torch.device(os.environ.get("KVWIRE_TEST_DEVICE", "cpu"))
-if DEV.type == "cpu" and not triton.knobs.runtime.interpret:  # set by tests/codec/conftest.py
-    pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported", allow_module_level=True)
-if DEV.type == "cuda" and not torch.cuda.is_available():
-    pytest.skip("KVWIRE_TEST_DEVICE=cuda without a CUDA device", allow_module_level=True)
+DEV = triton_test_device()
 
 pytestmark = pytest.mark.triton
 
