@@ -265,7 +265,7 @@ def check_manifest(manifest: ContextManifest) -> None:
 def verify_chunk(manifest: ContextManifest, index: int, level: int, data: bytes, claimed_level: int) -> None:
     """Raise ``CorruptChunkError`` unless ``data`` is the manifest's chunk ``index`` at ``level``."""
     entry = manifest.chunks[index].level(level)
-    got = f"{fmt.crc32(data) & 0xFFFFFFFF:08x}"  # ISA-L when installed: ~50x zlib per MiB
+    got = fmt.crc32_hex(data)
     if claimed_level != level:
         raise CorruptChunkError(f"asked for chunk {index} at level {level}, got level {claimed_level}")
     if got != entry.checksum or len(data) != entry.nbytes:

@@ -46,6 +46,13 @@ crc32: Callable[..., int] = _pick_crc32()
 """``crc32(data, value=0)``: zlib's CRC-32 (ISA-L's implementation when the ``isal`` package is there)."""
 
 
+def crc32_hex(data: bytes | memoryview) -> str:
+    """The checksum the manifest, ``ETag`` and ``X-Kvwire-Checksum`` carry: the CRC-32 of the whole
+    bitstream as 8 hex digits. ISA-L's CRC when ``isal`` is installed: the gRPC API and the client
+    check every chunk, and zlib's takes ~0.6 ms per MiB, as long as a raw Redis GET of it."""
+    return f"{crc32(data) & 0xFFFFFFFF:08x}"
+
+
 @dataclass(frozen=True)
 class ChunkHeader:
     """The fixed-size header at the start of every chunk."""
