@@ -47,6 +47,7 @@ from kvwire.controller import CostModel, Mode, Policy, ThroughputEstimator, warm
 from kvwire.errors import (
     InvalidInputError,
     KvwireError,
+    LimitExceededError,
     ModelMismatchError,
     ProfileMismatchError,
     ServerUnavailableError,
@@ -64,6 +65,9 @@ DEFAULT_DECODE_S_PER_CHUNK = 0.05
 DEFAULT_REQUEST_OVERHEAD_S = 2e-3
 #: Throughput assumed for the first chunk when nothing better is known (1 Gbit/s).
 DEFAULT_BANDWIDTH_BYTES_PER_S = 125e6
+#: Most tokens one load brings into memory unless the client is told otherwise: 256K tokens, 23 GB of
+#: fp16 KV for a Llama-3-8B-shaped model (4 GB for SmolLM2-135M).
+DEFAULT_MAX_CONTEXT_TOKENS = 262_144
 
 #: Recompute seconds per token by model object, shared by every ``Client`` of the process: the cost
 #: belongs to the model on its device, not to a server connection, and timing it is a prefill.
@@ -312,6 +316,9 @@ class Client:
     ``throttle`` emulates a link (``"500mbps"``, ``"trace:lte-like"``, a ``ThrottleConfig`` or a
     ``TokenBucket``) in the transport: every download waits for the bucket. ``retry`` bounds how
     long transient failures are retried; ``timeout_s`` bounds every single request.
+    ``max_context_tokens`` bounds what one load may bring into memory: a manifest of more tokens is
+    refused (``LimitExceededError``) before any chunk is fetched, so a wrong id or a hostile server
+    cannot make the client decode an unbounded cache (None: no bound).
     """
 
     def __init__(
@@ -324,8 +331,12 @@ class Client:
         timeout_s: float = 30.0,
         retry: RetryPolicy | None = None,
         profile_dir: str | os.PathLike[str] | None = None,
+        max_context_tokens: int | None = DEFAULT_MAX_CONTEXT_TOKENS,
     ):
+        if max_context_tokens is not None and max_context_tokens < 1:
+            raise InvalidInputError(f"max_context_tokens must be >= 1 or None, got {max_context_tokens}")
         self.retry = retry or RetryPolicy()
+        self.max_context_tokens = max_context_tokens
         self.bucket = make_bucket(throttle)
         self.transport: Transport
         if transport == "rest":
@@ -460,6 +471,12 @@ class Client:
             lambda: self.transport.get_manifest(context_id), f"manifest of {context_id!r}", deadline
         )
         check_manifest(manifest)
+        if self.max_context_tokens is not None and manifest.total_tokens > self.max_context_tokens:
+            raise LimitExceededError(
+                f"context {context_id!r} has {manifest.total_tokens} tokens, more than this client's "
+                f"max_context_tokens={self.max_context_tokens}; raise the bound (Client(..., "
+                "max_context_tokens=N), None for none) to load it"
+            )
         if fingerprint is not None and manifest.model_fingerprint != fingerprint:
             raise ModelMismatchError(
                 f"context {context_id!r} was encoded for model {manifest.model_fingerprint[:12]}, not for "

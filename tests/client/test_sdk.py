@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from kvwire.client import RetryPolicy
+from kvwire.client import Client, RetryPolicy
 from kvwire.client.loader import TensorCollector
 from kvwire.client.sdk import parse_mode, parse_profile
 from kvwire.controller import CostModel, Mode
@@ -19,6 +19,7 @@ from kvwire.errors import (
     AuthError,
     CorruptChunkError,
     InvalidInputError,
+    LimitExceededError,
     ModelMismatchError,
     NotFoundError,
     ProfileMismatchError,
@@ -247,6 +248,32 @@ def test_another_models_context_is_refused(setup: Setup, tmp_path: Path) -> None
     with pytest.raises(ModelMismatchError, match="load it with the model"):
         make_client(transport, tmp_path).load(other, "ctx", tokenizer=setup.tokenizer)
     assert transport.chunk_calls() == []
+
+
+def test_a_context_over_the_clients_token_bound_is_refused_before_any_chunk(
+    setup: Setup, tmp_path: Path
+) -> None:
+    transport = ServiceTransport(setup.service)
+    total = setup.manifest.total_tokens
+    client = Client(
+        "unused",
+        transport=transport,  # type: ignore[arg-type]
+        retry=FAST_RETRY,
+        profile_dir=tmp_path / "profiles",
+        max_context_tokens=total - 1,
+    )
+    with pytest.raises(LimitExceededError, match=f"has {total} tokens.*max_context_tokens={total - 1}"):
+        client.load(setup.model, "ctx", tokenizer=setup.tokenizer)
+    with pytest.raises(LimitExceededError):
+        client.load_tensors("ctx")
+    assert transport.chunk_calls() == []
+    client.max_context_tokens = total  # exactly at the bound: loads
+    assert client.load_tensors("ctx").manifest.total_tokens == total
+
+
+def test_max_context_tokens_must_be_positive() -> None:
+    with pytest.raises(InvalidInputError, match="max_context_tokens"):
+        Client("http://127.0.0.1:1", max_context_tokens=0)
 
 
 def test_a_corrupted_chunk_is_refused(setup: Setup, tmp_path: Path) -> None:
