@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Annotated, Any
 
@@ -16,7 +17,14 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -131,7 +139,12 @@ class BodySizeLimit:
 
 
 class Metrics:
-    """Prometheus metrics of one app, in its own registry (several apps may live in one process)."""
+    """Prometheus metrics of one app, in its own registry (several apps may live in one process).
+
+    Under ``kvwire serve --workers N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its
+    children (:mod:`kvwire.server.supervisor`): prometheus_client then keeps every process's counters
+    in files there, and a scrape, which reaches one process, reports the sum over all of them.
+    """
 
     def __init__(self, service: KvwireService):
         self.registry = CollectorRegistry()
@@ -147,7 +160,17 @@ class Metrics:
         self.ingests = Counter(
             "kvwire_ingest_requests", "ingest requests by outcome", ["outcome"], registry=self.registry
         )
-        self.registry.register(_JobCollector(service))
+        self.jobs = _JobCollector(service)
+        self.registry.register(self.jobs)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or every serving process's sum."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self.jobs)  # read from the shared queue: the same in every process
+        return generate_latest(registry)
 
 
 class _JobCollector:
@@ -435,7 +458,7 @@ def create_app(
     )
     async def prometheus(request: Request) -> Response:
         app.state.access.check_metrics_token(request.headers.get("authorization"))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -11,8 +11,11 @@ What the children share lives outside them: the store, and the job queue, which 
 Redis one (``KVWIRE_JOBS_REDIS_URL``): a job queued by one process must be found by
 ``GET /v1/jobs/{id}`` in any other. With a Redis queue no serving process loads a model (as for a
 single process); ``kvwire worker`` processes run the ingests. Per-process state stays per process: the
-manifest cache (another process's delete is seen within ``KVWIRE_MANIFEST_CACHE_TTL_S``), rate-limit
-buckets (in-memory limits apply per process) and Prometheus metrics (a scrape reaches one process).
+manifest cache (another process's delete is seen within ``KVWIRE_MANIFEST_CACHE_TTL_S``) and rate-limit
+buckets (in-memory limits apply per process; Redis-backed ones are shared). Prometheus metrics are
+summed over the children: the supervisor gives them a ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary
+folder, or the one set in its environment, emptied first), so a scrape that reaches any one process
+reports the counters of all.
 
 If a child exits, the supervisor stops the others and exits with an error, leaving restarts to
 whatever runs it (systemd, Kubernetes, docker compose), as it would for a single process. SIGTERM or
@@ -27,12 +30,15 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 
 from kvwire.errors import BackendUnavailableError, InvalidInputError
@@ -98,10 +104,35 @@ def serve_workers(settings: ServiceSettings) -> None:
                 reserved.append(sock)
                 updates[field] = int(sock.getsockname()[1])
         child_settings = settings.model_copy(update=updates)
-        _supervise(child_settings, settings.workers)
+        with shared_metrics_dir():
+            _supervise(child_settings, settings.workers)
     finally:
         for sock in reserved:
             sock.close()
+
+
+@contextlib.contextmanager
+def shared_metrics_dir() -> Iterator[Path]:
+    """``PROMETHEUS_MULTIPROC_DIR`` for the children (spawned ones read the environment at start).
+
+    A folder the operator set is emptied of the previous run's files, which prometheus_client would
+    otherwise add to this run's counters; one made here is removed afterwards.
+    """
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="kvwire-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _supervise(settings: ServiceSettings, count: int) -> None:

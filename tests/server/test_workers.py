@@ -135,6 +135,12 @@ def test_every_process_serves_both_ports_and_sees_every_job(
                 pb.GetChunkRequest(context_id="c", index=0), metadata=(("authorization", f"Bearer {KEY}"),)
             )
             assert chunk.data == data
+    # A scrape reaches one process and reports every process's requests.
+    chunk_route = 'route="/v1/contexts/{context_id}/chunks/{index}",status="200"'
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    assert f'kvwire_http_requests_total{{method="GET",{chunk_route}}} {4.0 * WORKERS}' in metrics
+    served_line = next(x for x in metrics.splitlines() if x.startswith("kvwire_chunk_bytes_served_total "))
+    assert float(served_line.split()[1]) == 4 * WORKERS * len(data)
     # Ingests are queued in Redis (no serving process has a model) and visible from every process.
     r = httpx.post(f"{server.base_url}/v1/contexts", json={"token_ids": [1, 2, 3]}, headers=auth, timeout=30)
     assert r.status_code == 202
