@@ -44,8 +44,12 @@ TUNING: dict[str, int | str] = {
     "bk": 32,
     "warps": 4,
     "precision": "ieee",
-    "table_bc": 64,
-    "table_warps": 2,
+    "tables": "split",
+    "count_warps": 1,
+    "cost_bc": 64,
+    "cost_warps": 4,
+    "table_bc": 16,
+    "table_warps": 1,
     "sub_batch": 64,
 }
 _HUGE_COST = 1e300  # cost of the padding tables: never the cheapest, finite (0 * inf would be NaN)
@@ -271,7 +275,11 @@ def launch_transform(job: EncodeJob) -> None:
 
 
 def launch_tables(job: EncodeJob) -> None:
-    """Each component's cheapest table (one launch, asynchronous)."""
+    """Each component's cheapest table (asynchronous): symbol counts into memory, then the costs.
+
+    ``TUNING["tables"] == "fused"`` runs the earlier single kernel (counts and costs in one program)
+    instead, for comparison.
+    """
     import triton
 
     from kvwire.kernels import triton_encode as te
@@ -279,10 +287,25 @@ def launch_tables(job: EncodeJob) -> None:
     B, S, T, d = job.q.shape
     _, cost = _encoder_bank(job.q.device)
     ka, kb = _cost_blocks(table_bank().n_tables - 1)
-    bc = min(int(TUNING["table_bc"]), max(16, triton.next_power_of_2(d)))
-    te.table_kernel[(B * S, triton.cdiv(d, bc))](
-        job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups, BC=bc,
-        KA=ka, KB=kb, num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
+    if TUNING["tables"] == "fused":
+        bc = min(int(TUNING["table_bc"]), max(16, triton.next_power_of_2(d)))
+        te.table_kernel[(B * S, triton.cdiv(d, bc))](
+            job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups, BC=bc,
+            KA=ka, KB=kb, num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
+        )  # fmt: skip
+        return
+    groups = -(-rans.NUM_SYMBOLS // 4)
+    counts = torch.empty((B * S * d, 4 * groups), dtype=torch.int32, device=job.q.device)
+    bc = min(32 * int(TUNING["count_warps"]), max(16, triton.next_power_of_2(d)))
+    te.count_kernel[(B * S, triton.cdiv(d, bc))](
+        job.q, job.rows, counts, S, T, d, job.profile.groups, BC=bc, GROUPS=groups,
+        num_warps=max(1, bc // 32), DIRECT_MAX=rans.DIRECT_MAX, MIN_OCTAVE=rans.MIN_OCTAVE,
+        MAX_OCTAVE=rans.MAX_OCTAVE,
+    )  # fmt: skip
+    bc = int(TUNING["cost_bc"])
+    te.cost_kernel[(triton.cdiv(B * S * d, bc),)](
+        counts, cost, job.classes, B * S * d, T, BC=bc, KA=ka, KB=kb, CSTRIDE=4 * groups,
+        NUM_SYMBOLS=rans.NUM_SYMBOLS, DIRECT_MAX=rans.DIRECT_MAX, num_warps=int(TUNING["cost_warps"]),
     )  # fmt: skip
 
 

@@ -1,13 +1,14 @@
 """Triton kernels of the GPU encoder (kvwire.kernels.gpu_encode): transform, table choice, rANS.
 
-Three launches per batch of chunks, each over every chunk at once:
+Three stages per batch of chunks, each over every chunk at once:
 
 1. ``transform_kernel``: RoPE off the keys, minus the profile mean, times the profile's forward matrix
    (one dot per tile), times 1/step, dead-zone rounding; writes int32 coefficients token-major and
    flags the (chunk, layer, K/V, token) rows that must be stored raw (sinks, coefficients that
    overflow the coder, non-finite input, which the host also reports).
-2. ``table_kernel``: per component, the symbol counts over all tokens (raw rows count as zeros) and
-   the cost of every bank table in float64, as the CPU's ``choose_tables``; writes the class byte.
+2. ``count_kernel`` then ``cost_kernel``: per component, the symbol counts over all tokens (raw rows
+   count as zeros) into memory, then the cost of every bank table in float64, as the CPU's
+   ``choose_tables``; writes the class byte.
 3. ``rans_kernel``: the interleaved rANS encoder, one program per segment, a vector of lanes walking
    the decoder's order backwards, in uint32 arithmetic with one packed (freq, cum) load per symbol;
    words land in the segment's scratch row back to front, so each row ends with the segment's stream
@@ -121,18 +122,125 @@ def transform_kernel(
 
 @triton.jit
 def _symbol(v, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr, MAX_OCTAVE: tl.constexpr):
-    """The alphabet symbol of int32 coefficients (``rans._to_symbol``), and their octave."""
+    """The alphabet symbol of int32 coefficients (``rans._to_symbol``), and their octave.
+
+    |v| <= MAX_ABS_VALUE < 2**24, so its float32 conversion is exact and the exponent field is
+    floor(log2 |v|): three instructions instead of one compare per octave. Values up to DIRECT_MAX
+    (below 2**MIN_OCTAVE) get MIN_OCTAVE, which nothing reads for them.
+    """
     a = tl.abs(v)
-    k = tl.full(v.shape, MIN_OCTAVE, tl.int32)
-    for o in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
-        k += (a >= (1 << o)).to(tl.int32)
+    k = (a.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+    k = tl.minimum(tl.maximum(k, MIN_OCTAVE), MAX_OCTAVE)
     direct = a <= DIRECT_MAX
     sym = tl.where(direct, v + DIRECT_MAX, 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int32))
     return sym, k, direct, a
 
 
 @triton.jit
-def table_kernel(
+def count_kernel(
+    q_ptr,  # int32 [B, S, T, d]
+    row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
+    counts_ptr,  # int32 [B * S * d, 4 * GROUPS]: symbol counts per component
+    S,
+    T,
+    d,
+    G,
+    BC: tl.constexpr,  # components per program: 32 per warp, one per thread
+    GROUPS: tl.constexpr,  # ceil(NUM_SYMBOLS / 4)
+    DIRECT_MAX: tl.constexpr,
+    MIN_OCTAVE: tl.constexpr,
+    MAX_OCTAVE: tl.constexpr,
+):
+    # Counting without reductions: the program walks the tokens, each thread holding one component's
+    # counts. Four symbols share an int32 (a byte each), so a token costs 16 compares per component;
+    # every 255 tokens (a byte's limit) the bytes move into four wide counters. The tiles are
+    # [16 groups, BC components]: Triton's default layout then gives each thread all 16 groups of one
+    # component, so the symbol of a coefficient is computed once, not once per group.
+    bs = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_on = c < d
+    b = bs // S
+    lk = (bs % S) // G
+    row = row_ptr + (b * (S // G) + lk) * T
+    col = q_ptr + bs * T * d + c
+    grp = tl.arange(0, 16)[:, None]  # symbol // 4
+    w0 = tl.zeros((16, BC), tl.int32)  # count of symbol 4 g + j in row g of w_j
+    w1 = tl.zeros((16, BC), tl.int32)
+    w2 = tl.zeros((16, BC), tl.int32)
+    w3 = tl.zeros((16, BC), tl.int32)
+    # Two tokens in flight: the loads of token t + 2 are issued while token t is counted.
+    v_1 = tl.load(col, mask=c_on, other=0)
+    raw_1 = tl.load(row)
+    v_2 = tl.load(col + d, mask=c_on & (T > 1), other=0)
+    raw_2 = tl.load(row + 1, mask=T > 1, other=0)
+    t0 = 0
+    while t0 < T:
+        acc = tl.zeros((16, BC), tl.int32)
+        t = t0
+        t_end = tl.minimum(t0 + 255, T)
+        while t < t_end:
+            v = tl.where(raw_1 == 0, v_1, 0)
+            v_1 = v_2
+            raw_1 = raw_2
+            v_2 = tl.load(col + (t + 2) * d, mask=c_on & (t + 2 < T), other=0)
+            raw_2 = tl.load(row + t + 2, mask=t + 2 < T, other=0)
+            sym, _k, _direct, _a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
+            one = (1 << ((sym & 3) * 8))[None, :]
+            acc += tl.where(grp == (sym >> 2)[None, :], one, 0)
+            t += 1
+        w0 += acc & 255
+        w1 += (acc >> 8) & 255
+        w2 += (acc >> 16) & 255
+        w3 += (acc >> 24) & 255
+        t0 += 255
+    out = counts_ptr + (bs * d + c)[None, :] * (4 * GROUPS) + 4 * grp
+    on = c_on[None, :] & (grp < GROUPS)
+    tl.store(out, w0, mask=on)
+    tl.store(out + 1, w1, mask=on)
+    tl.store(out + 2, w2, mask=on)
+    tl.store(out + 3, w3, mask=on)
+
+
+@triton.jit
+def cost_kernel(
+    counts_ptr,  # int32 [n, CSTRIDE]: symbol counts per component
+    cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
+    classes_ptr,  # uint8 [n]
+    n,
+    T,
+    BC: tl.constexpr,
+    KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
+    KB: tl.constexpr,
+    CSTRIDE: tl.constexpr,
+    NUM_SYMBOLS: tl.constexpr,
+    DIRECT_MAX: tl.constexpr,
+):
+    # Each table's float64 cost summed over the symbols in order, one multiply-add per symbol, as the
+    # fused kernel before it did: a loop that is not unrolled, tiles [tables, components].
+    c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    c_on = c < n
+    row = counts_ptr + c * CSTRIDE
+    ka = tl.arange(0, KA)[:, None]
+    kb = KA + tl.arange(0, KB)[:, None]
+    cost_a = tl.zeros((KA, BC), tl.float64)
+    cost_b = tl.zeros((KB, BC), tl.float64)
+    for sy in range(NUM_SYMBOLS):
+        cf = tl.load(row + sy, mask=c_on, other=0).to(tl.float64)[None, :]
+        cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)
+        cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)
+    # argmin over both blocks, the first of equal costs as numpy's argmin
+    min_a = tl.min(cost_a, axis=0)
+    min_b = tl.min(cost_b, axis=0)
+    arg_a = tl.argmin(cost_a, axis=0).to(tl.int32)
+    arg_b = tl.argmin(cost_b, axis=0).to(tl.int32) + KA
+    best = tl.where(min_b < min_a, arg_b, arg_a) + 1
+    zeros = tl.load(row + DIRECT_MAX, mask=c_on, other=0)
+    cls = tl.where(zeros == T, 0, best)
+    tl.store(classes_ptr + c, cls.to(tl.uint8), mask=c_on)
+
+
+@triton.jit
+def table_kernel(  # the fused version (counts and costs in one program), kept for comparison
     q_ptr,  # int32 [B, S, T, d]
     row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
     cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
