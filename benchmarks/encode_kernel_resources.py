@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/encode_kernel_resources.py`` (Triton installed; no CUDA device needed).
 Each kernel of ``kvwire.kernels.triton_encode`` is compiled for sm_90 at its default launch shape
-(``gpu_encode.TUNING``, Llama-3-8B sizes) plus a few table-kernel shapes, and Triton's bundled
+(``gpu_encode.TUNING``, Llama-3-8B sizes) plus a few shapes of the table kernels, and Triton's bundled
 ``ptxas -v`` reports registers per thread, stack frame and spill bytes: the first thing to look at
 when a kernel runs far slower than its operation count (docs/gpu.md, "Encoder").
 """
@@ -72,6 +72,16 @@ def main() -> None:
         "d": "i32", "G": "i32", "BC": "constexpr", "KA": "constexpr", "KB": "constexpr",
         **dict.fromkeys(SYMBOLS, "constexpr"),
     }  # fmt: skip
+    count_sig = {
+        "q_ptr": "*i32", "row_ptr": "*i32", "counts_ptr": "*i32", "S": "i32", "T": "i32", "d": "i32",
+        "G": "i32", "BC": "constexpr", "GROUPS": "constexpr", "DIRECT_MAX": "constexpr",
+        "MIN_OCTAVE": "constexpr", "MAX_OCTAVE": "constexpr",
+    }  # fmt: skip
+    cost_sig = {
+        "counts_ptr": "*i32", "cost_ptr": "*fp64", "classes_ptr": "*u8", "n": "i32", "T": "i32",
+        "BC": "constexpr", "KA": "constexpr", "KB": "constexpr", "CSTRIDE": "constexpr",
+        "NUM_SYMBOLS": "constexpr", "DIRECT_MAX": "constexpr",
+    }  # fmt: skip
     rans_sig = {
         "q_ptr": "*i32", "row_ptr": "*i32", "live_ptr": "*i32", "n_live_ptr": "*i32", "classes_ptr": "*u8",
         "table_ptr": "*i32", "scratch_ptr": "*i16", "n_words_ptr": "*i32", "states_ptr": "*i32", "S": "i32",
@@ -83,9 +93,19 @@ def main() -> None:
         f"transform (default): {ptxas_report(te.transform_kernel, transform_sig, transform, int(t['warps']))}"
     )
     ka, kb = gpu_encode._cost_blocks(78)
-    for bc, warps in ((int(t["table_bc"]), int(t["table_warps"])), (64, 4), (32, 1), (16, 1)):
+    groups = -(-rans.NUM_SYMBOLS // 4)
+    for warps in (int(t["count_warps"]), 2):
+        consts = {"BC": 32 * warps, "GROUPS": groups, **{k: SYMBOLS[k] for k in SYMBOLS if "NUM" not in k}}
+        report = ptxas_report(te.count_kernel, count_sig, consts, warps)
+        print(f"counts BC {32 * warps}, {warps} warps: {report}")
+    for bc, warps in ((int(t["cost_bc"]), int(t["cost_warps"])), (64, 8), (64, 4)):
+        consts = {"BC": bc, "KA": ka, "KB": kb, "CSTRIDE": 4 * groups, "NUM_SYMBOLS": rans.NUM_SYMBOLS}
+        consts["DIRECT_MAX"] = rans.DIRECT_MAX
+        print(f"costs BC {bc}, {warps} warps: {ptxas_report(te.cost_kernel, cost_sig, consts, warps)}")
+    for bc, warps in ((int(t["table_bc"]), int(t["table_warps"])), (64, 2)):
         consts = {"BC": bc, "KA": ka, "KB": kb, **SYMBOLS}
-        print(f"tables BC {bc}, {warps} warps: {ptxas_report(te.table_kernel, table_sig, consts, warps)}")
+        report = ptxas_report(te.table_kernel, table_sig, consts, warps)
+        print(f"fused tables BC {bc}, {warps} warps: {report}")
     consts = {"BLOCK": 32, "PROB_BITS": rans.PROB_BITS, **SYMBOLS}
     print(f"rANS, 32 lanes, 1 warp: {ptxas_report(te.rans_kernel, rans_sig, consts, 1)}")
 

@@ -429,6 +429,13 @@ def words_kernel(
         i += BLOCK
 
 
+@triton.jit
+def to_host_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    """Copy int32 values into host-mapped pinned memory (``dst_ptr``) from the SMs, not a copy engine."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + i, tl.load(src_ptr + i, mask=i < n), mask=i < n)
+
+
 CONSTANTS = {
     "NUM_SYMBOLS": rans.NUM_SYMBOLS,
     "DIRECT_MAX": rans.DIRECT_MAX,
