@@ -514,9 +514,9 @@ def _encode_sweep(
     budget: float,
     transform: bool = False,
 ) -> None:
-    """Launch shapes of the table kernels (and of the transform with ``transform``), then the
-    pipeline's sub-batch size with and without mapped reads (64 chunks, level 2); kernel outputs
-    checked against the default's."""
+    """The pipeline's sub-batch size with and without mapped reads, then launch shapes of the table
+    kernels (and of the transform with ``transform``), 64 chunks, level 2; kernel outputs checked
+    against the default's."""
     b = ctx.shape[3] // CHUNK
     view = gpu_encode.chunk_view(ctx, CHUNK)
     starts = [CHUNK * j for j in range(b)]
@@ -545,6 +545,20 @@ def _encode_sweep(
             notes.append(f"- sweep transform {prec} {bt} {bn} {bk} {warps}: {type(exc).__name__}")
         print(notes[-1], flush=True)
     gpu_encode.TUNING.update(saved)
+    del job
+    for mapped, sub in ((1, 16), (1, 32), (1, 8), (1, 64), (0, 16), (0, 64)):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(sub_batch=sub, mapped_reads=mapped)
+        run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
+        t = wall(run, 5)
+        notes.append(
+            f"- sweep sub-batch {sub} chunks, mapped reads {mapped}, e2e {b} chunks level 2: "
+            f"{t * 1e3:.2f} ms ({view[0].numel() * b / t / 1e9:.1f} G elements/s)"
+        )
+        print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    job = gpu_encode.prepare_encode(view, profile, level=2, token_starts=starts)
     gpu_encode.launch_transform(job)
     counts = gpu_encode.launch_counts(job)
     t_count = events(functools.partial(gpu_encode.launch_counts, job), 5)
@@ -556,10 +570,8 @@ def _encode_sweep(
     print(notes[-1], flush=True)
     for variant in (
         {"count_warps": 2},
-        {"count_warps": 4},
         {"cost_bc": 64, "cost_warps": 8},
         {"cost_bc": 16, "cost_warps": 4},
-        {"cost_bc": 64, "cost_warps": 4},
         {"tables": "fused", "table_bc": 16, "table_warps": 1},
         {"tables": "fused", "table_bc": 64, "table_warps": 2},
     ):
@@ -575,18 +587,6 @@ def _encode_sweep(
         print(notes[-1], flush=True)
         gpu_encode.TUNING.update(saved)
     del job
-    for mapped in (1, 0):
-        for sub in (8, 16, 32, 64):
-            if time.perf_counter() - t_start > budget:
-                continue
-            gpu_encode.TUNING.update(sub_batch=sub, mapped_reads=mapped)
-            run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
-            t = wall(run, 5)
-            notes.append(
-                f"- sweep sub-batch {sub} chunks, mapped reads {mapped}, e2e {b} chunks level 2: "
-                f"{t * 1e3:.2f} ms ({view[0].numel() * b / t / 1e9:.1f} G elements/s)"
-            )
-            print(notes[-1], flush=True)
     notes.append(f"- mapped reads worked: {gpu_encode._MAPPED_READS_WORK}")
     gpu_encode.TUNING.update(saved)
 
