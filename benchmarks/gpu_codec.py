@@ -514,7 +514,7 @@ def _encode_sweep(
     budget: float,
     transform: bool = False,
 ) -> None:
-    """The pipeline's sub-batch size with and without mapped reads, then launch shapes of the table
+    """The pipeline's sub-batch size, then launch shapes of the table
     kernels (and of the transform with ``transform``), 64 chunks, level 2; kernel outputs checked
     against the default's."""
     b = ctx.shape[3] // CHUNK
@@ -546,14 +546,14 @@ def _encode_sweep(
         print(notes[-1], flush=True)
     gpu_encode.TUNING.update(saved)
     del job
-    for mapped, sub in ((1, 16), (1, 32), (1, 8), (1, 64), (0, 16), (0, 64)):
+    for sub in (16, 32, 64):
         if time.perf_counter() - t_start > budget:
             continue
-        gpu_encode.TUNING.update(sub_batch=sub, mapped_reads=mapped)
+        gpu_encode.TUNING.update(sub_batch=sub)
         run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
         t = wall(run, 5)
         notes.append(
-            f"- sweep sub-batch {sub} chunks, mapped reads {mapped}, e2e {b} chunks level 2: "
+            f"- sweep sub-batch {sub} chunks, e2e {b} chunks level 2: "
             f"{t * 1e3:.2f} ms ({view[0].numel() * b / t / 1e9:.1f} G elements/s)"
         )
         print(notes[-1], flush=True)
@@ -569,11 +569,11 @@ def _encode_sweep(
     )
     print(notes[-1], flush=True)
     for variant in (
+        {"count_tokens": 16},
+        {"count_tokens": 4},
         {"count_warps": 2},
         {"cost_bc": 64, "cost_warps": 8},
         {"cost_bc": 16, "cost_warps": 4},
-        {"tables": "fused", "table_bc": 16, "table_warps": 1},
-        {"tables": "fused", "table_bc": 64, "table_warps": 2},
     ):
         if time.perf_counter() - t_start > budget:
             continue
@@ -587,7 +587,6 @@ def _encode_sweep(
         print(notes[-1], flush=True)
         gpu_encode.TUNING.update(saved)
     del job
-    notes.append(f"- mapped reads worked: {gpu_encode._MAPPED_READS_WORK}")
     gpu_encode.TUNING.update(saved)
 
 

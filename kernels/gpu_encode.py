@@ -44,14 +44,11 @@ TUNING: dict[str, int | str] = {
     "bk": 32,
     "warps": 4,
     "precision": "ieee",
-    "tables": "split",
     "count_warps": 1,
+    "count_tokens": 8,
     "cost_bc": 32,
     "cost_warps": 4,
-    "table_bc": 16,
-    "table_warps": 1,
     "sub_batch": 64,
-    "mapped_reads": 1,
 }
 _HUGE_COST = 1e300  # cost of the padding tables: never the cheapest, finite (0 * inf would be NaN)
 
@@ -276,41 +273,26 @@ def launch_transform(job: EncodeJob) -> None:
 
 
 def launch_tables(job: EncodeJob) -> None:
-    """Each component's cheapest table (asynchronous): symbol counts into memory, then the costs.
-
-    ``TUNING["tables"] == "fused"`` runs the earlier single kernel (counts and costs in one program)
-    instead, for comparison.
-    """
-    if TUNING["tables"] == "fused":
-        import triton
-
-        from kvwire.kernels import triton_encode as te
-
-        B, S, T, d = job.q.shape
-        _, cost = _encoder_bank(job.q.device)
-        ka, kb = _cost_blocks(table_bank().n_tables - 1)
-        bc = min(int(TUNING["table_bc"]), max(16, triton.next_power_of_2(d)))
-        te.table_kernel[(B * S, triton.cdiv(d, bc))](
-            job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups, BC=bc,
-            KA=ka, KB=kb, num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
-        )  # fmt: skip
-        return
+    """Each component's cheapest table (asynchronous): symbol counts into memory, then the costs."""
     launch_costs(job, launch_counts(job))
 
 
 def launch_counts(job: EncodeJob) -> torch.Tensor:
-    """int32 [B * S * d, 4 * ceil(NUM_SYMBOLS / 4)]: every component's symbol counts (asynchronous)."""
+    """int32 [4 * ceil(NUM_SYMBOLS / 4), B * S * d]: every component's symbol counts, symbol-major
+    (asynchronous)."""
     import triton
 
     from kvwire.kernels import triton_encode as te
 
     B, S, T, d = job.q.shape
     groups = -(-rans.NUM_SYMBOLS // 4)
-    counts = torch.empty((B * S * d, 4 * groups), dtype=torch.int32, device=job.q.device)
+    n = B * S * d
+    counts = torch.empty((4 * groups, n), dtype=torch.int32, device=job.q.device)
     bc = min(32 * int(TUNING["count_warps"]), max(16, triton.next_power_of_2(d)))
+    tt = int(TUNING["count_tokens"])
     te.count_kernel[(B * S, triton.cdiv(d, bc))](
-        job.q, job.rows, counts, S, T, d, job.profile.groups, BC=bc, GROUPS=groups,
-        num_warps=max(1, bc // 32), DIRECT_MAX=rans.DIRECT_MAX, MIN_OCTAVE=rans.MIN_OCTAVE,
+        job.q, job.rows, counts, S, T, d, job.profile.groups, n, BC=bc, TT=tt, WIDEN=255 // tt * tt,
+        GROUPS=groups, num_warps=max(1, bc // 32), DIRECT_MAX=rans.DIRECT_MAX, MIN_OCTAVE=rans.MIN_OCTAVE,
         MAX_OCTAVE=rans.MAX_OCTAVE,
     )  # fmt: skip
     return counts
@@ -325,48 +307,17 @@ def launch_costs(job: EncodeJob, counts: torch.Tensor) -> None:
     T = job.q.shape[2]
     _, cost = _encoder_bank(job.q.device)
     ka, kb = _cost_blocks(table_bank().n_tables - 1)
-    n, bc = counts.shape[0], int(TUNING["cost_bc"])
+    n, bc = counts.shape[1], int(TUNING["cost_bc"])
     te.cost_kernel[(triton.cdiv(n, bc),)](
-        counts, cost, job.classes, n, T, BC=bc, KA=ka, KB=kb, CSTRIDE=counts.shape[1],
-        NUM_SYMBOLS=rans.NUM_SYMBOLS, DIRECT_MAX=rans.DIRECT_MAX, num_warps=int(TUNING["cost_warps"]),
+        counts, cost, job.classes, n, T, BC=bc, KA=ka, KB=kb, NUM_SYMBOLS=rans.NUM_SYMBOLS,
+        DIRECT_MAX=rans.DIRECT_MAX, num_warps=int(TUNING["cost_warps"]),
     )  # fmt: skip
-
-
-_MAPPED_READS_WORK = True  # cleared if Triton refuses a pinned host tensor as a kernel argument
-
-
-def read_ints(values: torch.Tensor) -> list[int]:
-    """A small int32 tensor's values on the host, flattened (synchronises with the current stream).
-
-    On CUDA (``TUNING["mapped_reads"]``) a kernel writes them into pinned host memory, which the GPU
-    reaches directly (unified addressing), and the host waits for that kernel alone: a device-to-host
-    ``.cpu()`` goes through a copy engine, where it can wait behind the previous sub-batch's large
-    copies of chunk bytes, and so serialise the pipeline (docs/gpu.md).
-    """
-    global _MAPPED_READS_WORK
-    if values.device.type == "cuda" and TUNING["mapped_reads"] and _MAPPED_READS_WORK:
-        import triton
-
-        from kvwire.kernels import triton_encode as te
-
-        src = values.to(torch.int32).contiguous().view(-1)
-        host = torch.empty(src.numel(), dtype=torch.int32, pin_memory=True)
-        try:
-            te.to_host_kernel[(triton.cdiv(src.numel(), 1024),)](src, host, src.numel(), BLOCK=1024)
-        except ValueError:  # "cannot be accessed from Triton": no mapped pinned memory here
-            _MAPPED_READS_WORK = False
-        else:
-            done = torch.cuda.Event()
-            done.record()
-            done.synchronize()
-            return host.tolist()
-    return values.reshape(-1).cpu().tolist()
 
 
 def check_input(job: EncodeJob) -> None:
     """Raise InvalidInputError for non-finite KV (synchronises); note each chunk's raw-row count."""
     B = job.rows.shape[0]
-    counts = read_ints(torch.cat([job.bad, job.rows.view(B, -1).sum(1, dtype=torch.int32)]))
+    counts = torch.cat([job.bad, job.rows.view(B, -1).sum(1, dtype=torch.int32)]).cpu().tolist()
     if counts[0]:
         raise InvalidInputError("KV holds NaN or Inf values; kvwire does not encode non-finite caches")
     job.n_raw = counts[1:]
@@ -412,7 +363,7 @@ def pack_device(
     dev = job.q.device
     per_chunk = job.n_words.view(B, S)
     ends = torch.cumsum(per_chunk, dim=1, dtype=torch.int32)
-    n_words = read_ints(ends[:, -1])
+    n_words = ends[:, -1].cpu().tolist()
     n_raw = job.n_raw
     fp = codec.fingerprint_bytes(model_fingerprint)
     digest = bytes.fromhex(p.digest)[:16]
@@ -442,7 +393,7 @@ def pack_device(
     offsets = torch.cat([torch.zeros((B, 1), dtype=torch.int32, device=dev), ends], dim=1)
     prefix = torch.cat(
         [
-            _upload(host_part, dev),
+            torch.from_numpy(host_part).to(dev, non_blocking=True),
             classes,
             job.states.view(B, -1).view(torch.uint8),
             offsets.view(torch.uint8),
@@ -462,14 +413,6 @@ def pack_device(
     if sum(n_raw):
         _place_raw_rows(job, buf, bases, [fixed + _pad4(2 * w) for w in n_words])
     return buf, bases, sizes
-
-
-def _upload(host: np.ndarray, dev: torch.device) -> torch.Tensor:
-    """``host`` on ``dev``, through pinned memory for CUDA (an asynchronous copy, not a staged one)."""
-    t = torch.from_numpy(host)
-    if dev.type == "cuda":
-        t = t.pin_memory()
-    return t.to(dev, non_blocking=True)
 
 
 def _place_raw_rows(job: EncodeJob, buf: torch.Tensor, bases: list[int], raw_at: list[int]) -> None:

@@ -140,70 +140,78 @@ def _symbol(v, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr, MAX_OCTAVE: t
 def count_kernel(
     q_ptr,  # int32 [B, S, T, d]
     row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
-    counts_ptr,  # int32 [B * S * d, 4 * GROUPS]: symbol counts per component
+    counts_ptr,  # int32 [4 * GROUPS, n]: symbol counts, symbol-major (component c of segment bs: bs * d + c)
     S,
     T,
     d,
     G,
+    n,  # B * S * d
     BC: tl.constexpr,  # components per program: 32 per warp, one per thread
+    TT: tl.constexpr,  # tokens per load: each thread holds a [TT] column of its component
+    WIDEN: tl.constexpr,  # tokens between widenings of the byte counters: a multiple of TT, <= 255
     GROUPS: tl.constexpr,  # ceil(NUM_SYMBOLS / 4)
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
     MAX_OCTAVE: tl.constexpr,
 ):
-    # Counting without reductions: the program walks the tokens, each thread holding one component's
-    # counts. Four symbols share an int32 (a byte each), so a token costs 16 compares per component;
-    # every 255 tokens (a byte's limit) the bytes move into four wide counters. The tiles are
-    # [16 groups, BC components]: Triton's default layout then gives each thread all 16 groups of one
-    # component, so the symbol of a coefficient is computed once, not once per group.
+    # Counting without cross-thread reductions: each thread holds one component's counts and walks
+    # its tokens, TT at a time, the next TT loaded while these are counted (more bytes in flight per
+    # warp than one token at a time: the loads' latency, not arithmetic, bounded the one-token loop).
+    # Four symbols share an int32 (a byte each), so a token costs 16 compares per component; every
+    # WIDEN tokens the bytes move into four wide counters. With tiles [TT, 16 groups, BC components]
+    # Triton's default layout gives each thread all TT tokens and 16 groups of one component: the sum
+    # over tokens stays in the thread.
     bs = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_on = c < d
     b = bs // S
     lk = (bs % S) // G
     row = row_ptr + (b * (S // G) + lk) * T
-    col = q_ptr + bs * T * d + c
-    grp = tl.arange(0, 16)[:, None]  # symbol // 4
+    col = q_ptr + bs * T * d + c[None, :]
+    grp = tl.arange(0, 16)[None, :, None]  # symbol // 4
     w0 = tl.zeros((16, BC), tl.int32)  # count of symbol 4 g + j in row g of w_j
     w1 = tl.zeros((16, BC), tl.int32)
     w2 = tl.zeros((16, BC), tl.int32)
     w3 = tl.zeros((16, BC), tl.int32)
-    # Two tokens in flight: the loads of token t + 2 are issued while token t is counted.
-    v_1 = tl.load(col, mask=c_on, other=0)
-    raw_1 = tl.load(row)
-    v_2 = tl.load(col + d, mask=c_on & (T > 1), other=0)
-    raw_2 = tl.load(row + 1, mask=T > 1, other=0)
+    tok = tl.arange(0, TT)
+    # Raw flags loaded as [TT, BC] (one address per token row), in the layout of the coefficients.
+    flat = tl.zeros((1, BC), tl.int32)
+    x_next = tl.load(col + tok[:, None] * d, mask=(tok < T)[:, None] & c_on[None, :], other=0)
+    raw_next = tl.load(row + tok[:, None] + flat, mask=(tok < T)[:, None], other=0)
     t0 = 0
     while t0 < T:
         acc = tl.zeros((16, BC), tl.int32)
         t = t0
-        t_end = tl.minimum(t0 + 255, T)
+        t_end = tl.minimum(t0 + WIDEN, T)
         while t < t_end:
-            v = tl.where(raw_1 == 0, v_1, 0)
-            v_1 = v_2
-            raw_1 = raw_2
-            v_2 = tl.load(col + (t + 2) * d, mask=c_on & (t + 2 < T), other=0)
-            raw_2 = tl.load(row + t + 2, mask=t + 2 < T, other=0)
+            x = x_next
+            raw = raw_next
+            on = (t + tok)[:, None] < T
+            nxt = t + TT + tok
+            x_next = tl.load(col + nxt[:, None] * d, mask=(nxt < T)[:, None] & c_on[None, :], other=0)
+            raw_next = tl.load(row + nxt[:, None] + flat, mask=(nxt < T)[:, None], other=0)
+            v = tl.where(raw == 0, x, 0)
             sym, _k, _direct, _a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
-            one = (1 << ((sym & 3) * 8))[None, :]
-            acc += tl.where(grp == (sym >> 2)[None, :], one, 0)
-            t += 1
+            one = tl.where(on, 1 << ((sym & 3) * 8), 0)  # tokens past T count nothing
+            acc += tl.sum(tl.where(grp == (sym >> 2)[:, None, :], one[:, None, :], 0), axis=0)
+            t += TT
         w0 += acc & 255
         w1 += (acc >> 8) & 255
         w2 += (acc >> 16) & 255
         w3 += (acc >> 24) & 255
-        t0 += 255
-    out = counts_ptr + (bs * d + c)[None, :] * (4 * GROUPS) + 4 * grp
-    on = c_on[None, :] & (grp < GROUPS)
-    tl.store(out, w0, mask=on)
-    tl.store(out + 1, w1, mask=on)
-    tl.store(out + 2, w2, mask=on)
-    tl.store(out + 3, w3, mask=on)
+        t0 += WIDEN
+    g2 = tl.arange(0, 16)[:, None]
+    out = counts_ptr + (4 * g2).to(tl.int64) * n + (bs * d + c)[None, :]
+    on_out = c_on[None, :] & (g2 < GROUPS)
+    tl.store(out, w0, mask=on_out)
+    tl.store(out + n, w1, mask=on_out)
+    tl.store(out + 2 * n, w2, mask=on_out)
+    tl.store(out + 3 * n, w3, mask=on_out)
 
 
 @triton.jit
 def cost_kernel(
-    counts_ptr,  # int32 [n, CSTRIDE]: symbol counts per component
+    counts_ptr,  # int32 [>= NUM_SYMBOLS, n]: symbol counts, symbol-major
     cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
     classes_ptr,  # uint8 [n]
     n,
@@ -211,7 +219,6 @@ def cost_kernel(
     BC: tl.constexpr,
     KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
     KB: tl.constexpr,
-    CSTRIDE: tl.constexpr,
     NUM_SYMBOLS: tl.constexpr,
     DIRECT_MAX: tl.constexpr,
 ):
@@ -219,13 +226,12 @@ def cost_kernel(
     # fused kernel before it did: a loop that is not unrolled, tiles [tables, components].
     c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
     c_on = c < n
-    row = counts_ptr + c * CSTRIDE
     ka = tl.arange(0, KA)[:, None]
     kb = KA + tl.arange(0, KB)[:, None]
     cost_a = tl.zeros((KA, BC), tl.float64)
     cost_b = tl.zeros((KB, BC), tl.float64)
     for sy in range(NUM_SYMBOLS):
-        cf = tl.load(row + sy, mask=c_on, other=0).to(tl.float64)[None, :]
+        cf = tl.load(counts_ptr + sy * n + c, mask=c_on, other=0).to(tl.float64)[None, :]
         cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)
         cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)
     # argmin over both blocks, the first of equal costs as numpy's argmin
@@ -234,92 +240,9 @@ def cost_kernel(
     arg_a = tl.argmin(cost_a, axis=0).to(tl.int32)
     arg_b = tl.argmin(cost_b, axis=0).to(tl.int32) + KA
     best = tl.where(min_b < min_a, arg_b, arg_a) + 1
-    zeros = tl.load(row + DIRECT_MAX, mask=c_on, other=0)
+    zeros = tl.load(counts_ptr + DIRECT_MAX * n + c, mask=c_on, other=0)
     cls = tl.where(zeros == T, 0, best)
     tl.store(classes_ptr + c, cls.to(tl.uint8), mask=c_on)
-
-
-@triton.jit
-def table_kernel(  # the fused version (counts and costs in one program), kept for comparison
-    q_ptr,  # int32 [B, S, T, d]
-    row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
-    cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
-    classes_ptr,  # uint8 [B, S, d]
-    S,
-    T,
-    d,
-    G,
-    BC: tl.constexpr,
-    KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
-    KB: tl.constexpr,
-    NUM_SYMBOLS: tl.constexpr,
-    DIRECT_MAX: tl.constexpr,
-    MIN_OCTAVE: tl.constexpr,
-    MAX_OCTAVE: tl.constexpr,
-):
-    # Counting without reductions: the program walks the tokens, each component's counts stay in its
-    # own row. Four symbols share an int32 (a byte each), so one token costs 16 compares per component;
-    # every 64 tokens (bytes hold at most 64) the bytes move into four wide counters.
-    bs = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    c_on = c < d
-    b = bs // S
-    lk = (bs % S) // G
-    row = row_ptr + (b * (S // G) + lk) * T
-    col = q_ptr + bs * T * d + c
-    grp = tl.arange(0, 16)  # symbol // 4 (55 symbols: groups 0..13)
-    w0 = tl.zeros((BC, 16), tl.int32)  # count of symbol 4 g + j in column g of w_j
-    w1 = tl.zeros((BC, 16), tl.int32)
-    w2 = tl.zeros((BC, 16), tl.int32)
-    w3 = tl.zeros((BC, 16), tl.int32)
-    v_next = tl.load(col, mask=c_on, other=0)
-    raw_next = tl.load(row)
-    t0 = 0
-    while t0 < T:
-        acc = tl.zeros((BC, 16), tl.int32)
-        t = t0
-        t_end = tl.minimum(t0 + 64, T)
-        while t < t_end:
-            v = tl.where(raw_next == 0, v_next, 0)
-            v_next = tl.load(col + (t + 1) * d, mask=c_on & (t + 1 < T), other=0)  # one token ahead
-            raw_next = tl.load(row + t + 1, mask=t + 1 < T, other=0)
-            sym, _k, _direct, _a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
-            one = (1 << ((sym & 3) * 8))[:, None]
-            acc += tl.where(grp[None, :] == (sym >> 2)[:, None], one, 0)
-            t += 1
-        w0 += acc & 255
-        w1 += (acc >> 8) & 255
-        w2 += (acc >> 16) & 255
-        w3 += (acc >> 24) & 255
-        t0 += 64
-    ka = tl.arange(0, KA)
-    kb = KA + tl.arange(0, KB)
-    cost_a = tl.zeros((BC, KA), tl.float64)
-    cost_b = tl.zeros((BC, KB), tl.float64)
-    zeros = tl.zeros((BC,), tl.int32)
-    for sy in tl.static_range(NUM_SYMBOLS):
-        if sy % 4 == 0:
-            w = w0
-        elif sy % 4 == 1:
-            w = w1
-        elif sy % 4 == 2:
-            w = w2
-        else:
-            w = w3
-        cnt = tl.sum(tl.where(grp[None, :] == sy // 4, w, 0), axis=1)
-        if sy == DIRECT_MAX:
-            zeros = cnt
-        cf = cnt.to(tl.float64)[:, None]
-        cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)[None, :]
-        cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)[None, :]
-    # argmin over both blocks, the first of equal costs as numpy's argmin
-    min_a = tl.min(cost_a, axis=1)
-    min_b = tl.min(cost_b, axis=1)
-    arg_a = tl.argmin(cost_a, axis=1).to(tl.int32)
-    arg_b = tl.argmin(cost_b, axis=1).to(tl.int32) + KA
-    best = tl.where(min_b < min_a, arg_b, arg_a) + 1
-    cls = tl.where(zeros == T, 0, best)
-    tl.store(classes_ptr + bs * d + c, cls.to(tl.uint8), mask=c_on)
 
 
 @triton.jit
@@ -427,13 +350,6 @@ def words_kernel(
         m = o < n
         tl.store(out_ptr + dst + o, tl.load(src + o, mask=m), mask=m)
         i += BLOCK
-
-
-@triton.jit
-def to_host_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """Copy int32 values into host-mapped pinned memory (``dst_ptr``) from the SMs, not a copy engine."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(dst_ptr + i, tl.load(src_ptr + i, mask=i < n), mask=i < n)
 
 
 CONSTANTS = {

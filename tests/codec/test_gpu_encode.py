@@ -172,17 +172,10 @@ def test_table_counts_go_past_a_byte(profile: CalibrationProfile) -> None:
     job.q.copy_(torch.from_numpy(q))
     hist = rans.symbol_histograms(q[0].transpose(0, 2, 1).copy())
     counts = gpu_encode.launch_counts(job).cpu().numpy()
-    assert np.array_equal(counts[:, : rans.NUM_SYMBOLS], hist) and counts[0, rans.DIRECT_MAX + 3] == T
+    assert np.array_equal(counts[: rans.NUM_SYMBOLS].T, hist) and counts[rans.DIRECT_MAX + 3, 0] == T
     gpu_encode.launch_tables(job)
     classes, _ = choose_tables(hist)
     assert np.array_equal(job.classes.cpu().numpy(), classes.reshape(S, d))
-
-
-def test_read_ints_returns_the_values(profile: CalibrationProfile) -> None:
-    """The pipeline's small reads (mapped pinned memory on CUDA) give a strided tensor's values."""
-    x = torch.arange(-5, 19, dtype=torch.int32, device=DEV).view(4, 6)
-    assert gpu_encode.read_ints(x[:, -1]) == [0, 6, 12, 18]
-    assert gpu_encode.read_ints(x.T) == x.T.cpu().reshape(-1).tolist()
 
 
 def test_bad_input_raises_before_any_launch(
