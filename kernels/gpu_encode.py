@@ -1,13 +1,13 @@
 """The GPU encoder: KV tensors on a CUDA device -> packed kvwire chunks in host memory.
 
-A batch of chunks of one shape goes through three Triton launches (``kvwire.kernels.triton_encode``):
-the transform (RoPE off, mean, forward matrix, step, rounding, raw-row flags), the table choice (symbol
-counts and float64 table costs per component) and the rANS encoder. The chunk bytes are then assembled
-on the device (header, fixed sections, words, raw rows; docs/format.md), copied to pinned host memory
-chunk after chunk, and checksummed by the threads that decode staging uses (ISA-L CRC-32 in pieces,
-combined), each chunk as soon as its bytes are in. Two small reads synchronise the host: the
-non-finite flag and raw-row counts before the rANS launch (bad input raises ``InvalidInputError``
-before any coding), and the word counts that size the packed buffer.
+A batch of chunks of one shape goes through four Triton launches (``kvwire.kernels.triton_encode``):
+the transform (RoPE off, mean, forward matrix, step, rounding, raw-row flags), the table choice in two
+(symbol counts per component into memory, then float64 table costs) and the rANS encoder. The chunk
+bytes are then assembled on the device (header, fixed sections, words, raw rows; docs/format.md),
+copied to pinned host memory chunk after chunk, and checksummed by the threads that decode staging
+uses (ISA-L CRC-32 in pieces, combined), each chunk as soon as its bytes are in. Two small reads
+synchronise the host: the non-finite flag and raw-row counts before the rANS launch (bad input raises
+``InvalidInputError`` before any coding), and the word counts that size the packed buffer.
 
 The bitstream is the CPU encoder's (``codec.encode_chunk``): when the float32 transform gives the same
 integer coefficients (the GEMM's summation order may round a coefficient at a half-step boundary the
@@ -36,8 +36,10 @@ from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 # Launch shapes, the transform's dot precision and the chunks per sub-batch (measured on an H200,
 # docs/gpu.md); module-level so benchmarks can sweep them. "ieee" is float32 on the CUDA cores (as the
 # CPU's float32 GEMM); "tf32x3" (three tensor-core products) measured slower, plain "tf32" changes
-# about 1% of the coefficients. Sub-batches of 16 overlapped nothing measurable and were slower for
-# SmolLM2 shapes (docs/gpu.md): 64 keeps batches up to 64 chunks whole and bounds device memory above.
+# about 1% of the coefficients. count_tokens: tokens per load of the counting kernel (8: 4.2 ms for 64
+# Llama chunks, one token a step 6.7 ms). Sub-batches overlap nothing measurable (64 Llama chunks:
+# 16 per sub-batch 53.5 ms, 32 49.1 ms, one batch 50.1 ms; docs/gpu.md): 64 keeps batches up to 64
+# chunks whole and bounds device memory above.
 TUNING: dict[str, int | str] = {
     "bt": 64,
     "bn": 64,
