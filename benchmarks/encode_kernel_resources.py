@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/encode_kernel_resources.py`` (Triton installed; no CUDA device needed).
 Each kernel of ``kvwire.kernels.triton_encode`` is compiled for sm_90 at its default launch shape
-(``gpu_encode.TUNING``, Llama-3-8B sizes) plus a few table-kernel shapes, and Triton's bundled
+(``gpu_encode.TUNING``, Llama-3-8B sizes) plus a few shapes of the table kernels, and Triton's bundled
 ``ptxas -v`` reports registers per thread, stack frame and spill bytes: the first thing to look at
 when a kernel runs far slower than its operation count (docs/gpu.md, "Encoder").
 """
@@ -67,10 +67,16 @@ def main() -> None:
         "d": "i32", "G": "i32", "HPG": "i32", "D": "i32", "HALF_SUB": "fp32", "HALF": "constexpr",
         "BT": "constexpr", "BN": "constexpr", "BK": "constexpr", "PRECISION": "constexpr",
     }  # fmt: skip
-    table_sig = {
-        "q_ptr": "*i32", "row_ptr": "*i32", "cost_ptr": "*fp64", "classes_ptr": "*u8", "S": "i32", "T": "i32",
-        "d": "i32", "G": "i32", "BC": "constexpr", "KA": "constexpr", "KB": "constexpr",
-        **dict.fromkeys(SYMBOLS, "constexpr"),
+    count_sig = {
+        "q_ptr": "*i32", "row_ptr": "*i32", "counts_ptr": "*i32", "S": "i32", "T": "i32", "d": "i32",
+        "G": "i32", "n": "i32", "BC": "constexpr", "TT": "constexpr", "WIDEN": "constexpr",
+        "GROUPS": "constexpr", "DIRECT_MAX": "constexpr",
+        "MIN_OCTAVE": "constexpr", "MAX_OCTAVE": "constexpr",
+    }  # fmt: skip
+    cost_sig = {
+        "counts_ptr": "*i32", "cost_ptr": "*fp64", "classes_ptr": "*u8", "n": "i32", "T": "i32",
+        "BC": "constexpr", "KA": "constexpr", "KB": "constexpr", "NUM_SYMBOLS": "constexpr",
+        "DIRECT_MAX": "constexpr",
     }  # fmt: skip
     rans_sig = {
         "q_ptr": "*i32", "row_ptr": "*i32", "live_ptr": "*i32", "n_live_ptr": "*i32", "classes_ptr": "*u8",
@@ -83,9 +89,16 @@ def main() -> None:
         f"transform (default): {ptxas_report(te.transform_kernel, transform_sig, transform, int(t['warps']))}"
     )
     ka, kb = gpu_encode._cost_blocks(78)
-    for bc, warps in ((int(t["table_bc"]), int(t["table_warps"])), (64, 4), (32, 1), (16, 1)):
-        consts = {"BC": bc, "KA": ka, "KB": kb, **SYMBOLS}
-        print(f"tables BC {bc}, {warps} warps: {ptxas_report(te.table_kernel, table_sig, consts, warps)}")
+    groups = -(-rans.NUM_SYMBOLS // 4)
+    for warps, tt in ((int(t["count_warps"]), int(t["count_tokens"])), (1, 16), (2, 8)):
+        consts = {"BC": 32 * warps, "TT": tt, "WIDEN": 255 // tt * tt, "GROUPS": groups}
+        consts.update({k: SYMBOLS[k] for k in SYMBOLS if "NUM" not in k})
+        report = ptxas_report(te.count_kernel, count_sig, consts, warps)
+        print(f"counts BC {32 * warps}, {warps} warps, {tt} tokens a load: {report}")
+    for bc, warps in ((int(t["cost_bc"]), int(t["cost_warps"])), (64, 8), (64, 4)):
+        consts = {"BC": bc, "KA": ka, "KB": kb, "NUM_SYMBOLS": rans.NUM_SYMBOLS}
+        consts["DIRECT_MAX"] = rans.DIRECT_MAX
+        print(f"costs BC {bc}, {warps} warps: {ptxas_report(te.cost_kernel, cost_sig, consts, warps)}")
     consts = {"BLOCK": 32, "PROB_BITS": rans.PROB_BITS, **SYMBOLS}
     print(f"rANS, 32 lanes, 1 warp: {ptxas_report(te.rans_kernel, rans_sig, consts, 1)}")
 

@@ -455,7 +455,7 @@ def encode_bench(args: argparse.Namespace) -> None:
                 write()
                 torch.cuda.empty_cache()
         if name.startswith("Llama") and args.sweep:
-            _encode_sweep(ctx, profile, notes, t_start, args.budget)
+            _encode_sweep(ctx, profile, notes, t_start, args.budget, args.sweep_transform)
             write()
         del ctx
         torch.cuda.empty_cache()
@@ -507,10 +507,16 @@ def _encode_ceilings(args: argparse.Namespace, dev: torch.device, notes: list[st
 
 
 def _encode_sweep(
-    ctx: torch.Tensor, profile: CalibrationProfile, notes: list[str], t_start: float, budget: float
+    ctx: torch.Tensor,
+    profile: CalibrationProfile,
+    notes: list[str],
+    t_start: float,
+    budget: float,
+    transform: bool = False,
 ) -> None:
-    """Launch shapes of the transform and table kernels, and the pipeline's sub-batch size (64 chunks,
-    level 2); kernel outputs checked against the default's."""
+    """The pipeline's sub-batch size, then launch shapes of the table
+    kernels (and of the transform with ``transform``), 64 chunks, level 2; kernel outputs checked
+    against the default's."""
     b = ctx.shape[3] // CHUNK
     view = gpu_encode.chunk_view(ctx, CHUNK)
     starts = [CHUNK * j for j in range(b)]
@@ -525,7 +531,7 @@ def _encode_sweep(
         ("ieee", 64, 128, 32, 4),
         ("tf32x3", 64, 64, 32, 4),
     ):
-        if time.perf_counter() - t_start > budget:
+        if not transform or time.perf_counter() - t_start > budget:
             continue
         gpu_encode.TUNING.update(bt=bt, bn=bn, bk=bk, warps=warps, precision=prec)
         try:
@@ -539,28 +545,48 @@ def _encode_sweep(
             notes.append(f"- sweep transform {prec} {bt} {bn} {bk} {warps}: {type(exc).__name__}")
         print(notes[-1], flush=True)
     gpu_encode.TUNING.update(saved)
-    gpu_encode.launch_transform(job)
-    for bc, warps in ((32, 1), (128, 4), (64, 4)):
-        if time.perf_counter() - t_start > budget:
-            continue
-        gpu_encode.TUNING.update(table_bc=bc, table_warps=warps)
-        try:
-            t = events(functools.partial(gpu_encode.launch_tables, job), 3)
-            same = torch.equal(job.classes, cls_ref)
-            notes.append(f"- sweep tables BC {bc} warps {warps}: {t * 1e3:.3f} ms, same classes {same}")
-        except Exception as exc:
-            notes.append(f"- sweep tables {bc} {warps}: {type(exc).__name__}")
-        print(notes[-1], flush=True)
-    gpu_encode.TUNING.update(saved)
     del job
-    for sub in (8, 32, 64):
+    for sub in (16, 32, 64):
         if time.perf_counter() - t_start > budget:
             continue
         gpu_encode.TUNING.update(sub_batch=sub)
         run = functools.partial(gpu_encode.encode_batch_gpu, view, profile, level=2, token_starts=starts)
-        t = wall(run, 3)
-        notes.append(f"- sweep sub-batch {sub} chunks, e2e 64 chunks level 2: {t * 1e3:.2f} ms")
+        t = wall(run, 5)
+        notes.append(
+            f"- sweep sub-batch {sub} chunks, e2e {b} chunks level 2: "
+            f"{t * 1e3:.2f} ms ({view[0].numel() * b / t / 1e9:.1f} G elements/s)"
+        )
         print(notes[-1], flush=True)
+    gpu_encode.TUNING.update(saved)
+    job = gpu_encode.prepare_encode(view, profile, level=2, token_starts=starts)
+    gpu_encode.launch_transform(job)
+    counts = gpu_encode.launch_counts(job)
+    t_count = events(functools.partial(gpu_encode.launch_counts, job), 5)
+    t_cost = events(functools.partial(gpu_encode.launch_costs, job, counts), 5)
+    del counts
+    notes.append(
+        f"- tables, default shapes: count kernel {t_count * 1e3:.3f} ms, cost kernel {t_cost * 1e3:.3f} ms"
+    )
+    print(notes[-1], flush=True)
+    for variant in (
+        {"count_tokens": 16},
+        {"count_tokens": 4},
+        {"count_warps": 2},
+        {"cost_bc": 64, "cost_warps": 8},
+        {"cost_bc": 16, "cost_warps": 4},
+    ):
+        if time.perf_counter() - t_start > budget:
+            continue
+        gpu_encode.TUNING.update(variant)
+        try:
+            t = events(functools.partial(gpu_encode.launch_tables, job), 3)
+            same = torch.equal(job.classes, cls_ref)
+            notes.append(f"- sweep tables {variant}: {t * 1e3:.3f} ms, same classes {same}")
+        except Exception as exc:
+            notes.append(f"- sweep tables {variant}: {type(exc).__name__}: {exc}")
+        print(notes[-1], flush=True)
+        gpu_encode.TUNING.update(saved)
+    del job
     gpu_encode.TUNING.update(saved)
 
 
@@ -582,6 +608,9 @@ def main() -> None:
     parser.add_argument("--encode", action="store_true", help="benchmark the encoder alone, by stage")
     parser.add_argument(
         "--sweep", action="store_true", help="with --encode: sweep the encoder's launch shapes"
+    )
+    parser.add_argument(
+        "--sweep-transform", action="store_true", help="with --sweep: the transform's launch shapes too"
     )
     parser.add_argument("--ceiling-mib", type=int, default=1024, help="with --encode: size of the ceilings")
     args = parser.parse_args()

@@ -1,13 +1,13 @@
 """The GPU encoder: KV tensors on a CUDA device -> packed kvwire chunks in host memory.
 
-A batch of chunks of one shape goes through three Triton launches (``kvwire.kernels.triton_encode``):
-the transform (RoPE off, mean, forward matrix, step, rounding, raw-row flags), the table choice (symbol
-counts and float64 table costs per component) and the rANS encoder. The chunk bytes are then assembled
-on the device (header, fixed sections, words, raw rows; docs/format.md), copied to pinned host memory
-chunk after chunk, and checksummed by the threads that decode staging uses (ISA-L CRC-32 in pieces,
-combined), each chunk as soon as its bytes are in. Two small reads synchronise the host: the
-non-finite flag and raw-row counts before the rANS launch (bad input raises ``InvalidInputError``
-before any coding), and the word counts that size the packed buffer.
+A batch of chunks of one shape goes through four Triton launches (``kvwire.kernels.triton_encode``):
+the transform (RoPE off, mean, forward matrix, step, rounding, raw-row flags), the table choice in two
+(symbol counts per component into memory, then float64 table costs) and the rANS encoder. The chunk
+bytes are then assembled on the device (header, fixed sections, words, raw rows; docs/format.md),
+copied to pinned host memory chunk after chunk, and checksummed by the threads that decode staging
+uses (ISA-L CRC-32 in pieces, combined), each chunk as soon as its bytes are in. Two small reads
+synchronise the host: the non-finite flag and raw-row counts before the rANS launch (bad input raises
+``InvalidInputError`` before any coding), and the word counts that size the packed buffer.
 
 The bitstream is the CPU encoder's (``codec.encode_chunk``): when the float32 transform gives the same
 integer coefficients (the GEMM's summation order may round a coefficient at a half-step boundary the
@@ -36,16 +36,20 @@ from kvwire.kernels.tables import TABLE_BANK_VERSION, table_bank
 # Launch shapes, the transform's dot precision and the chunks per sub-batch (measured on an H200,
 # docs/gpu.md); module-level so benchmarks can sweep them. "ieee" is float32 on the CUDA cores (as the
 # CPU's float32 GEMM); "tf32x3" (three tensor-core products) measured slower, plain "tf32" changes
-# about 1% of the coefficients. Sub-batches of 16 overlapped nothing measurable and were slower for
-# SmolLM2 shapes (docs/gpu.md): 64 keeps batches up to 64 chunks whole and bounds device memory above.
+# about 1% of the coefficients. count_tokens: tokens per load of the counting kernel (8: 4.2 ms for 64
+# Llama chunks, one token a step 6.7 ms). Sub-batches overlap nothing measurable (64 Llama chunks:
+# 16 per sub-batch 53.5 ms, 32 49.1 ms, one batch 50.1 ms; docs/gpu.md): 64 keeps batches up to 64
+# chunks whole and bounds device memory above.
 TUNING: dict[str, int | str] = {
     "bt": 64,
     "bn": 64,
     "bk": 32,
     "warps": 4,
     "precision": "ieee",
-    "table_bc": 64,
-    "table_warps": 2,
+    "count_warps": 1,
+    "count_tokens": 8,
+    "cost_bc": 32,
+    "cost_warps": 4,
     "sub_batch": 64,
 }
 _HUGE_COST = 1e300  # cost of the padding tables: never the cheapest, finite (0 * inf would be NaN)
@@ -271,18 +275,44 @@ def launch_transform(job: EncodeJob) -> None:
 
 
 def launch_tables(job: EncodeJob) -> None:
-    """Each component's cheapest table (one launch, asynchronous)."""
+    """Each component's cheapest table (asynchronous): symbol counts into memory, then the costs."""
+    launch_costs(job, launch_counts(job))
+
+
+def launch_counts(job: EncodeJob) -> torch.Tensor:
+    """int32 [4 * ceil(NUM_SYMBOLS / 4), B * S * d]: every component's symbol counts, symbol-major
+    (asynchronous)."""
     import triton
 
     from kvwire.kernels import triton_encode as te
 
     B, S, T, d = job.q.shape
+    groups = -(-rans.NUM_SYMBOLS // 4)
+    n = B * S * d
+    counts = torch.empty((4 * groups, n), dtype=torch.int32, device=job.q.device)
+    bc = min(32 * int(TUNING["count_warps"]), max(16, triton.next_power_of_2(d)))
+    tt = int(TUNING["count_tokens"])
+    te.count_kernel[(B * S, triton.cdiv(d, bc))](
+        job.q, job.rows, counts, S, T, d, job.profile.groups, n, BC=bc, TT=tt, WIDEN=255 // tt * tt,
+        GROUPS=groups, num_warps=max(1, bc // 32), DIRECT_MAX=rans.DIRECT_MAX, MIN_OCTAVE=rans.MIN_OCTAVE,
+        MAX_OCTAVE=rans.MAX_OCTAVE,
+    )  # fmt: skip
+    return counts
+
+
+def launch_costs(job: EncodeJob, counts: torch.Tensor) -> None:
+    """Each component's cheapest table from its counts (``launch_counts``) into ``job.classes``."""
+    import triton
+
+    from kvwire.kernels import triton_encode as te
+
+    T = job.q.shape[2]
     _, cost = _encoder_bank(job.q.device)
     ka, kb = _cost_blocks(table_bank().n_tables - 1)
-    bc = min(int(TUNING["table_bc"]), max(16, triton.next_power_of_2(d)))
-    te.table_kernel[(B * S, triton.cdiv(d, bc))](
-        job.q, job.rows, cost, job.classes, S, T, d, job.profile.groups, BC=bc,
-        KA=ka, KB=kb, num_warps=int(TUNING["table_warps"]), **te.CONSTANTS,
+    n, bc = counts.shape[1], int(TUNING["cost_bc"])
+    te.cost_kernel[(triton.cdiv(n, bc),)](
+        counts, cost, job.classes, n, T, BC=bc, KA=ka, KB=kb, NUM_SYMBOLS=rans.NUM_SYMBOLS,
+        DIRECT_MAX=rans.DIRECT_MAX, num_warps=int(TUNING["cost_warps"]),
     )  # fmt: skip
 
 

@@ -1,13 +1,14 @@
 """Triton kernels of the GPU encoder (kvwire.kernels.gpu_encode): transform, table choice, rANS.
 
-Three launches per batch of chunks, each over every chunk at once:
+Three stages per batch of chunks, each over every chunk at once:
 
 1. ``transform_kernel``: RoPE off the keys, minus the profile mean, times the profile's forward matrix
    (one dot per tile), times 1/step, dead-zone rounding; writes int32 coefficients token-major and
    flags the (chunk, layer, K/V, token) rows that must be stored raw (sinks, coefficients that
    overflow the coder, non-finite input, which the host also reports).
-2. ``table_kernel``: per component, the symbol counts over all tokens (raw rows count as zeros) and
-   the cost of every bank table in float64, as the CPU's ``choose_tables``; writes the class byte.
+2. ``count_kernel`` then ``cost_kernel``: per component, the symbol counts over all tokens (raw rows
+   count as zeros) into memory, then the cost of every bank table in float64, as the CPU's
+   ``choose_tables``; writes the class byte.
 3. ``rans_kernel``: the interleaved rANS encoder, one program per segment, a vector of lanes walking
    the decoder's order backwards, in uint32 arithmetic with one packed (freq, cum) load per symbol;
    words land in the segment's scratch row back to front, so each row ends with the segment's stream
@@ -121,97 +122,127 @@ def transform_kernel(
 
 @triton.jit
 def _symbol(v, DIRECT_MAX: tl.constexpr, MIN_OCTAVE: tl.constexpr, MAX_OCTAVE: tl.constexpr):
-    """The alphabet symbol of int32 coefficients (``rans._to_symbol``), and their octave."""
+    """The alphabet symbol of int32 coefficients (``rans._to_symbol``), and their octave.
+
+    |v| <= MAX_ABS_VALUE < 2**24, so its float32 conversion is exact and the exponent field is
+    floor(log2 |v|): three instructions instead of one compare per octave. Values up to DIRECT_MAX
+    (below 2**MIN_OCTAVE) get MIN_OCTAVE, which nothing reads for them.
+    """
     a = tl.abs(v)
-    k = tl.full(v.shape, MIN_OCTAVE, tl.int32)
-    for o in tl.static_range(MIN_OCTAVE + 1, MAX_OCTAVE + 1):
-        k += (a >= (1 << o)).to(tl.int32)
+    k = (a.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+    k = tl.minimum(tl.maximum(k, MIN_OCTAVE), MAX_OCTAVE)
     direct = a <= DIRECT_MAX
     sym = tl.where(direct, v + DIRECT_MAX, 2 * DIRECT_MAX + 1 + 2 * (k - MIN_OCTAVE) + (v < 0).to(tl.int32))
     return sym, k, direct, a
 
 
 @triton.jit
-def table_kernel(
+def count_kernel(
     q_ptr,  # int32 [B, S, T, d]
     row_ptr,  # int32 [B, L, 2, T]: raw rows (their coefficients count as zeros)
-    cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
-    classes_ptr,  # uint8 [B, S, d]
+    counts_ptr,  # int32 [4 * GROUPS, n]: symbol counts, symbol-major (component c of segment bs: bs * d + c)
     S,
     T,
     d,
     G,
-    BC: tl.constexpr,
-    KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
-    KB: tl.constexpr,
-    NUM_SYMBOLS: tl.constexpr,
+    n,  # B * S * d
+    BC: tl.constexpr,  # components per program: 32 per warp, one per thread
+    TT: tl.constexpr,  # tokens per load: each thread holds a [TT] column of its component
+    WIDEN: tl.constexpr,  # tokens between widenings of the byte counters: a multiple of TT, <= 255
+    GROUPS: tl.constexpr,  # ceil(NUM_SYMBOLS / 4)
     DIRECT_MAX: tl.constexpr,
     MIN_OCTAVE: tl.constexpr,
     MAX_OCTAVE: tl.constexpr,
 ):
-    # Counting without reductions: the program walks the tokens, each component's counts stay in its
-    # own row. Four symbols share an int32 (a byte each), so one token costs 16 compares per component;
-    # every 64 tokens (bytes hold at most 64) the bytes move into four wide counters.
+    # Counting without cross-thread reductions: each thread holds one component's counts and walks
+    # its tokens, TT at a time, the next TT loaded while these are counted (more bytes in flight per
+    # warp than one token at a time: the loads' latency, not arithmetic, bounded the one-token loop).
+    # Four symbols share an int32 (a byte each), so a token costs 16 compares per component; every
+    # WIDEN tokens the bytes move into four wide counters. With tiles [TT, 16 groups, BC components]
+    # Triton's default layout gives each thread all TT tokens and 16 groups of one component: the sum
+    # over tokens stays in the thread.
     bs = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     c_on = c < d
     b = bs // S
     lk = (bs % S) // G
     row = row_ptr + (b * (S // G) + lk) * T
-    col = q_ptr + bs * T * d + c
-    grp = tl.arange(0, 16)  # symbol // 4 (55 symbols: groups 0..13)
-    w0 = tl.zeros((BC, 16), tl.int32)  # count of symbol 4 g + j in column g of w_j
-    w1 = tl.zeros((BC, 16), tl.int32)
-    w2 = tl.zeros((BC, 16), tl.int32)
-    w3 = tl.zeros((BC, 16), tl.int32)
-    v_next = tl.load(col, mask=c_on, other=0)
-    raw_next = tl.load(row)
+    col = q_ptr + bs * T * d + c[None, :]
+    grp = tl.arange(0, 16)[None, :, None]  # symbol // 4
+    w0 = tl.zeros((16, BC), tl.int32)  # count of symbol 4 g + j in row g of w_j
+    w1 = tl.zeros((16, BC), tl.int32)
+    w2 = tl.zeros((16, BC), tl.int32)
+    w3 = tl.zeros((16, BC), tl.int32)
+    tok = tl.arange(0, TT)
+    # Raw flags loaded as [TT, BC] (one address per token row), in the layout of the coefficients.
+    flat = tl.zeros((1, BC), tl.int32)
+    x_next = tl.load(col + tok[:, None] * d, mask=(tok < T)[:, None] & c_on[None, :], other=0)
+    raw_next = tl.load(row + tok[:, None] + flat, mask=(tok < T)[:, None], other=0)
     t0 = 0
     while t0 < T:
-        acc = tl.zeros((BC, 16), tl.int32)
+        acc = tl.zeros((16, BC), tl.int32)
         t = t0
-        t_end = tl.minimum(t0 + 64, T)
+        t_end = tl.minimum(t0 + WIDEN, T)
         while t < t_end:
-            v = tl.where(raw_next == 0, v_next, 0)
-            v_next = tl.load(col + (t + 1) * d, mask=c_on & (t + 1 < T), other=0)  # one token ahead
-            raw_next = tl.load(row + t + 1, mask=t + 1 < T, other=0)
+            x = x_next
+            raw = raw_next
+            on = (t + tok)[:, None] < T
+            nxt = t + TT + tok
+            x_next = tl.load(col + nxt[:, None] * d, mask=(nxt < T)[:, None] & c_on[None, :], other=0)
+            raw_next = tl.load(row + nxt[:, None] + flat, mask=(nxt < T)[:, None], other=0)
+            v = tl.where(raw == 0, x, 0)
             sym, _k, _direct, _a = _symbol(v, DIRECT_MAX, MIN_OCTAVE, MAX_OCTAVE)
-            one = (1 << ((sym & 3) * 8))[:, None]
-            acc += tl.where(grp[None, :] == (sym >> 2)[:, None], one, 0)
-            t += 1
+            one = tl.where(on, 1 << ((sym & 3) * 8), 0)  # tokens past T count nothing
+            acc += tl.sum(tl.where(grp == (sym >> 2)[:, None, :], one[:, None, :], 0), axis=0)
+            t += TT
         w0 += acc & 255
         w1 += (acc >> 8) & 255
         w2 += (acc >> 16) & 255
         w3 += (acc >> 24) & 255
-        t0 += 64
-    ka = tl.arange(0, KA)
-    kb = KA + tl.arange(0, KB)
-    cost_a = tl.zeros((BC, KA), tl.float64)
-    cost_b = tl.zeros((BC, KB), tl.float64)
-    zeros = tl.zeros((BC,), tl.int32)
-    for sy in tl.static_range(NUM_SYMBOLS):
-        if sy % 4 == 0:
-            w = w0
-        elif sy % 4 == 1:
-            w = w1
-        elif sy % 4 == 2:
-            w = w2
-        else:
-            w = w3
-        cnt = tl.sum(tl.where(grp[None, :] == sy // 4, w, 0), axis=1)
-        if sy == DIRECT_MAX:
-            zeros = cnt
-        cf = cnt.to(tl.float64)[:, None]
-        cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)[None, :]
-        cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)[None, :]
+        t0 += WIDEN
+    g2 = tl.arange(0, 16)[:, None]
+    out = counts_ptr + (4 * g2).to(tl.int64) * n + (bs * d + c)[None, :]
+    on_out = c_on[None, :] & (g2 < GROUPS)
+    tl.store(out, w0, mask=on_out)
+    tl.store(out + n, w1, mask=on_out)
+    tl.store(out + 2 * n, w2, mask=on_out)
+    tl.store(out + 3 * n, w3, mask=on_out)
+
+
+@triton.jit
+def cost_kernel(
+    counts_ptr,  # int32 [>= NUM_SYMBOLS, n]: symbol counts, symbol-major
+    cost_ptr,  # float64 [NUM_SYMBOLS, KA + KB]: code length of symbol s under table k + 1 (padding: huge)
+    classes_ptr,  # uint8 [n]
+    n,
+    T,
+    BC: tl.constexpr,
+    KA: tl.constexpr,  # the tables' costs in two power-of-two blocks (78 tables: 64 + 16, not 128)
+    KB: tl.constexpr,
+    NUM_SYMBOLS: tl.constexpr,
+    DIRECT_MAX: tl.constexpr,
+):
+    # Each table's float64 cost summed over the symbols in order, one multiply-add per symbol, as the
+    # fused kernel before it did: a loop that is not unrolled, tiles [tables, components].
+    c = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    c_on = c < n
+    ka = tl.arange(0, KA)[:, None]
+    kb = KA + tl.arange(0, KB)[:, None]
+    cost_a = tl.zeros((KA, BC), tl.float64)
+    cost_b = tl.zeros((KB, BC), tl.float64)
+    for sy in range(NUM_SYMBOLS):
+        cf = tl.load(counts_ptr + sy * n + c, mask=c_on, other=0).to(tl.float64)[None, :]
+        cost_a += cf * tl.load(cost_ptr + sy * (KA + KB) + ka)
+        cost_b += cf * tl.load(cost_ptr + sy * (KA + KB) + kb)
     # argmin over both blocks, the first of equal costs as numpy's argmin
-    min_a = tl.min(cost_a, axis=1)
-    min_b = tl.min(cost_b, axis=1)
-    arg_a = tl.argmin(cost_a, axis=1).to(tl.int32)
-    arg_b = tl.argmin(cost_b, axis=1).to(tl.int32) + KA
+    min_a = tl.min(cost_a, axis=0)
+    min_b = tl.min(cost_b, axis=0)
+    arg_a = tl.argmin(cost_a, axis=0).to(tl.int32)
+    arg_b = tl.argmin(cost_b, axis=0).to(tl.int32) + KA
     best = tl.where(min_b < min_a, arg_b, arg_a) + 1
+    zeros = tl.load(counts_ptr + DIRECT_MAX * n + c, mask=c_on, other=0)
     cls = tl.where(zeros == T, 0, best)
-    tl.store(classes_ptr + bs * d + c, cls.to(tl.uint8), mask=c_on)
+    tl.store(classes_ptr + c, cls.to(tl.uint8), mask=c_on)
 
 
 @triton.jit

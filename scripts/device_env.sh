@@ -4,6 +4,8 @@
 # them under kvwire/), and puts the carried redis-server on PATH.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || return 1
+# A machine left warm by an earlier call keeps its copies: cp -r would nest new ones inside them.
+rm -rf kvwire/kernels kvwire/server kvwire/client
 cp -r kernels kvwire/kernels && cp -r server kvwire/server && cp -r client kvwire/client || return 1
 cp .carry/proto/*.py kvwire/_proto/ || return 1  # generated here: the box has no grpcio-tools
 export PYTHONPATH=$PWD:/tmp/site

@@ -157,6 +157,27 @@ def test_tables_and_rans_kernels_match_the_cpu_coder(profile: CalibrationProfile
     assert np.array_equal(job.states.cpu().numpy().view(np.uint32), states)
 
 
+def test_table_counts_go_past_a_byte(profile: CalibrationProfile) -> None:
+    """More than 255 tokens: the counting kernel's byte counters are widened mid-way; the counts equal
+    ``symbol_histograms`` (a component of one symbol throughout: 300 counts), the tables
+    ``choose_tables``'s."""
+    T = 300
+    job = gpu_encode.prepare_encode(_kv(T, 2, torch.float32)[None].to(DEV), profile)
+    B, S, _, d = job.q.shape
+    rng = np.random.default_rng(8)
+    q = rng.laplace(scale=2.0, size=(B, S, T, d)).round().astype(np.int32)
+    q[0, 0, :, 0] = 3
+    q[0, 2, :, 1] = 0
+    q[0, 2, -1, 1] = -40
+    job.q.copy_(torch.from_numpy(q))
+    hist = rans.symbol_histograms(q[0].transpose(0, 2, 1).copy())
+    counts = gpu_encode.launch_counts(job).cpu().numpy()
+    assert np.array_equal(counts[: rans.NUM_SYMBOLS].T, hist) and counts[rans.DIRECT_MAX + 3, 0] == T
+    gpu_encode.launch_tables(job)
+    classes, _ = choose_tables(hist)
+    assert np.array_equal(job.classes.cpu().numpy(), classes.reshape(S, d))
+
+
 def test_bad_input_raises_before_any_launch(
     profile: CalibrationProfile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
