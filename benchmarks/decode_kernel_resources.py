@@ -45,7 +45,7 @@ def main() -> None:
         "b1_ptr": "*i8", "mean_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16",
         "wide_ptr": "*i8", "d": "i32", "SP": "i32", "G": "i32", "H": "i32", "META": "constexpr",
         "HALF": "constexpr", "HAS_ROPE": "constexpr", "BT": "constexpr", "KP": "constexpr",
-        "HALFP": "constexpr", "QVEC": "constexpr", "WIDE": "constexpr",
+        "HALFP": "constexpr", "QVEC": "constexpr", "OVEC": "constexpr", "WIDE": "constexpr",
     }  # fmt: skip
     divisible = [n for n, ty in recon_sig.items() if ty.startswith("*")] + ["d"]
     t = gpu.TUNING
@@ -53,7 +53,7 @@ def main() -> None:
         for wide in (0, 1):
             consts = {
                 "META": gpu.CHUNK_META, "HALF": 64, "HAS_ROPE": True, "BT": bt, "KP": 128, "HALFP": 64,
-                "QVEC": 16, "WIDE": wide,
+                "QVEC": 16, "OVEC": 16, "WIDE": wide,
             }  # fmt: skip
             report = ptxas_report(
                 trc.reconstruct_kernel, recon_sig, consts, warps, divisible, {"enable_fp_fusion": False}
