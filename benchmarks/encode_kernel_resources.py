@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,27 @@ SYMBOLS = {
 }
 
 
-def ptxas_report(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], warps: int) -> str:
-    """Compile ``fn`` for sm_90 and return ptxas' register and spill lines."""
+def ptxas_report(
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    warps: int,
+    divisible: Sequence[str] = (),
+    options: dict[str, Any] | None = None,
+) -> str:
+    """Compile ``fn`` for sm_90 and return ptxas' register and spill lines.
+
+    ``divisible`` names the arguments a launch specialises as multiples of 16 (Triton does so for every
+    16-byte aligned pointer and every int divisible by 16): without them loads and stores compile to
+    scalar accesses, and the registers differ from the launched kernel's. ``options`` are more compile
+    options (``enable_fp_fusion``, ...).
+    """
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     kernel = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": warps},
+        options={"num_warps": warps, **(options or {})},
     )
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:

@@ -325,6 +325,48 @@ def decode_variants(
     return lines
 
 
+RECON_VARIANTS = [(64, 4), (64, 8), (128, 8)]  # (recon_bt, recon_warps); the first is the reference
+
+
+def recon_variants(
+    name: str, streams: list[bytes], profile: CalibrationProfile, batches: list[int]
+) -> list[str]:
+    """Time the reconstruction (both of its launches) and both kernels under each launch shape of
+    ``RECON_VARIANTS``; check every output against the first shape's bits. Returns the table lines."""
+    dev = torch.device("cuda")
+    lines = [
+        "| model | chunks | recon BT | recon warps | recon ms | kernels ms | recon Gelt/s | same bits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    saved = dict(gpu.TUNING)
+    for b in batches:
+        if b > len(streams):
+            continue
+        staged = gpu.stage_chunks(streams[:b], profile, dev)
+        n = sum(h.elements for h, _ in staged.parsed)
+        batch = gpu.prepare_decode(staged, profile)
+        gpu.launch_decode(batch)
+        gpu.check_status(batch)
+        ref: list[torch.Tensor] | None = None
+        for bt, warps in RECON_VARIANTS:
+            gpu.TUNING.update(recon_bt=bt, recon_warps=warps)
+            t_recon = events(functools.partial(gpu.launch_reconstruct, batch), 5)
+            t_both = events(functools.partial(gpu.launch_kernels, batch), 5)
+            outs = [o.clone() for o in gpu.launch_kernels(batch)]
+            ref = ref if ref is not None else outs
+            same = all(torch.equal(x, r) for x, r in zip(outs, ref, strict=True))
+            lines.append(
+                f"| {name} | {b} | {bt} | {warps} | {t_recon * 1e3:.3f} | {t_both * 1e3:.3f} "
+                f"| {n / t_recon / 1e9:.1f} | {same} |"
+            )
+            print(lines[-1], flush=True)
+            del outs
+        gpu.TUNING.update(saved)
+        del batch, staged, ref
+        torch.cuda.empty_cache()
+    return lines
+
+
 def _q_spans(batch: gpu.DecodeBatch) -> list[tuple[int, int]]:
     """Where each chunk's coefficients sit in ``batch.q`` (the rest of the buffer is never written)."""
     return [
@@ -605,6 +647,11 @@ def main() -> None:
         action="store_true",
         help="also sweep gpu.TUNING's rANS lookup and prefetch settings (level 2, before the table rows)",
     )
+    parser.add_argument(
+        "--recon-variants",
+        action="store_true",
+        help="also sweep the reconstruction's launch shapes (Llama, level 2, before the table rows)",
+    )
     parser.add_argument("--encode", action="store_true", help="benchmark the encoder alone, by stage")
     parser.add_argument(
         "--sweep", action="store_true", help="with --encode: sweep the encoder's launch shapes"
@@ -657,6 +704,8 @@ def main() -> None:
                 *exact_rows,
                 "\n## Decode settings (gpu.TUNING), level 2\n" if variant_rows else "",
                 *variant_rows,
+                "\n## Reconstruction launch shapes, level 2\n" if recon_rows else "",
+                *recon_rows,
                 "",
             ]
         )
@@ -664,6 +713,7 @@ def main() -> None:
 
     levels = [int(v) for v in args.levels.split(",")]
     variant_rows: list[str] = []
+    recon_rows: list[str] = []
     for name in args.models.split(","):
         L, H, D, _hpg, base = SHAPES[name]
         t0 = time.perf_counter()
@@ -755,6 +805,9 @@ def main() -> None:
                 exact_rows.append(f"- {name} level {level}, 128 lanes: GPU decode == CPU decode: {same}")
             if args.decode_variants and not variant_rows and len(variants) > 1:
                 variant_rows.extend(decode_variants(name, variants, profile, dec_batches))
+            if args.recon_variants and not recon_rows and len(variants) > 1:
+                recon_rows.extend(recon_variants(name, data, profile, dec_batches))
+                write()
             for lanes, streams in variants:
                 for b in dec_batches:
                     if b > len(streams):

@@ -175,49 +175,66 @@ def check_gpu_validation(data: bytes) -> None:
 
 
 def _check_decode_batch(b: object) -> None:
-    """Every index the rANS and reconstruction kernels compute from the batch metadata stays in bounds."""
-    from kvwire.kernels.gpu import DecodeBatch, lane_block
+    """Every index the rANS and reconstruction kernels compute from the batch metadata (a row per chunk,
+    plus the offsets and classes sections in the staged bytes, as the kernels read them) stays in
+    bounds."""
+    from kvwire.kernels import gpu
 
-    assert isinstance(b, DecodeBatch)
+    assert isinstance(b, gpu.DecodeBatch)
     parsed = b.staged.parsed
-    n_bytes = b.staged.buf.numel()
-    rans = b.rans_meta.numpy()
-    recon = b.recon_meta.numpy()
-    classes, live, n_live = b.classes.numpy(), b.live.numpy(), b.n_live.numpy()
-    S = sum(h.segments for h, _ in parsed)
-    if not (rans.shape == (S, 6) and recon.shape == (S, 4) and len(b.status) == S == sum(b.n_seg)):
-        raise FuzzFinding("per-segment arrays disagree on the segment count")
-    w_start, w_end, state0, lanes, n_tok, q_off = rans.T
-    if np.any(w_start < 0) or np.any(w_start > w_end) or np.any(w_end > n_bytes // 2):
-        raise FuzzFinding("a segment's word range leaves the chunk buffer")
-    if np.any(lanes < 1) or np.any(lanes > b.max_lanes) or b.max_lanes > lane_block(b.max_lanes):
-        raise FuzzFinding("lane counts exceed the kernel's lane block")
-    if np.any(state0 < 0) or np.any(state0 + lanes > n_bytes // 4):
-        raise FuzzFinding("a segment's rANS states leave the chunk buffer")
-    if np.any(n_tok < 1) or np.any(n_tok > b.max_tokens):
-        raise FuzzFinding("a segment's token count exceeds the batch's")
-    if np.any(q_off < 0) or np.any(q_off + b.d * n_tok > b.q.numel()):
-        raise FuzzFinding("a segment's coefficient block leaves the coefficient buffer")
-    if classes.shape != (S, b.d) or np.any(classes >= table_bank().n_tables):
-        raise FuzzFinding("a class indexes outside the table bank")
-    if live.shape != (S, b.d) or np.any(n_live < 0) or np.any(n_live > b.d):
-        raise FuzzFinding("live component lists exceed the group dimension")
-    for s in range(S):
-        if np.any(live[s, : n_live[s]] < 0) or np.any(live[s, : n_live[s]] >= b.d):
-            raise FuzzFinding("a live component index is out of range")
-    if np.any(recon[:, 0] != q_off) or np.any(recon[:, 2] != n_tok):
-        raise FuzzFinding("the reconstruction metadata disagrees with the decode metadata")
+    buf = b.staged.buf.numpy()
+    n_bytes = buf.size
+    meta = b.meta.numpy()
+    B = len(parsed)
+    SP = parsed[0][0].segments
+    S = B * SP
+    if (
+        meta.shape != (B, gpu.CHUNK_META)
+        or len(b.status) != S
+        or sum(b.n_seg) != S
+        or b.live.shape != (S, b.d)
+    ):
+        raise FuzzFinding("per-chunk or per-segment arrays disagree on the batch's size")
+    if any(h.segments != SP or h.group_dim != b.d for h, _ in parsed):
+        raise FuzzFinding("a chunk's segments or group dimension differ from the batch's")
     out_size: dict[str, int] = {}
-    seg = 0
-    for (h, _), o in zip(parsed, b.out_base, strict=True):
+    for c, ((h, _), o) in enumerate(zip(parsed, b.out_base, strict=True)):
+        m = meta[c]
+        lanes, n_tok = int(m[gpu.META_LANES]), int(m[gpu.META_TOKENS])
+        if lanes < 1 or lanes > b.max_lanes or b.max_lanes > gpu.lane_block(b.max_lanes):
+            raise FuzzFinding("lane counts exceed the kernel's lane block")
+        if n_tok < 1 or n_tok > b.max_tokens:
+            raise FuzzFinding("a chunk's token count exceeds the batch's")
+        offs_at = int(m[gpu.META_OFFSETS])
+        if offs_at < 0 or (offs_at + SP + 1) * 4 > n_bytes:
+            raise FuzzFinding("a chunk's offsets section leaves the chunk buffer")
+        offsets = buf[4 * offs_at : 4 * (offs_at + SP + 1)].view(np.uint32).astype(np.int64)
+        w_start = int(m[gpu.META_WORDS]) + offsets[:-1]
+        w_end = int(m[gpu.META_WORDS]) + offsets[1:]
+        if np.any(w_start < 0) or np.any(w_start > w_end) or np.any(w_end > n_bytes // 2):
+            raise FuzzFinding("a segment's word range leaves the chunk buffer")
+        state0 = int(m[gpu.META_STATES])
+        if state0 < 0 or state0 + SP * lanes > n_bytes // 4:
+            raise FuzzFinding("a chunk's rANS states leave the chunk buffer")
+        q0 = int(m[gpu.META_Q])
+        if q0 < 0 or q0 + SP * b.d * n_tok > b.q.numel():
+            raise FuzzFinding("a chunk's coefficient blocks leave the coefficient buffer")
+        cls_at = int(m[gpu.META_CLASSES])
+        if cls_at < 0 or cls_at + SP * b.d > n_bytes:
+            raise FuzzFinding("a chunk's classes leave the chunk buffer")
+        if np.any(buf[cls_at : cls_at + SP * b.d] >= table_bank().n_tables):
+            raise FuzzFinding("a class indexes outside the table bank")
+        if int(m[gpu.META_OUT]) != o:
+            raise FuzzFinding("the chunk metadata's output offset disagrees with the batch's")
         out_size[h.dtype] = max(out_size.get(h.dtype, 0), o + h.elements)
-        block = h.heads_per_group * h.n_tokens * h.head_dim  # one segment's output: its heads' rows
-        offs = recon[seg : seg + h.segments, 1]
+        seg = np.arange(SP)
+        head0 = (seg // h.groups) * h.kv_heads + (seg % h.groups) * (h.kv_heads // h.groups)
+        offs = o + head0 * n_tok * h.head_dim
+        block = h.heads_per_group * n_tok * h.head_dim  # one segment's output: its heads' rows
         if np.any(offs < o) or np.any(offs + block > o + h.elements):
             raise FuzzFinding("a segment's output block leaves its chunk's output")
-        if b.rope and np.any(recon[seg : seg + h.segments, 3] + h.n_tokens > b.cos.shape[0]):
-            raise FuzzFinding("a segment's RoPE rows leave the cos/sin tables")
-        seg += h.segments
+        if b.rope and int(m[gpu.META_ROPE]) + n_tok > b.cos.shape[0]:
+            raise FuzzFinding("a chunk's RoPE rows leave the cos/sin tables")
 
 
 @cache

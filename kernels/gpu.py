@@ -153,6 +153,7 @@ def _device_profile(profile: CalibrationProfile, device: torch.device) -> _Devic
 
 _STAGING: dict[str, torch.Tensor] = {}
 _STAGING_LOCK = threading.Lock()  # one staging buffer per device, shared by every decoding thread
+_STAGING_READ: dict[str, torch.cuda.Event] = {}  # recorded after the last uploads from that buffer
 
 
 def _staging(device: torch.device, nbytes: int) -> torch.Tensor:
@@ -185,6 +186,10 @@ def stage_chunks(
     thread also copying its bytes into one reused pinned buffer; each chunk's upload starts as soon as
     its bytes are there, overlapping the later chunks' checksums. A bad checksum raises before the
     caller can launch anything. The pinned buffer keeps the size of the largest batch seen.
+
+    The uploads are queued on the current stream and not waited for: work queued there afterwards (the
+    decode kernels) sees the bytes, and the host goes on preparing the launches meanwhile. The next call
+    waits for them before it writes the pinned buffer again.
     """
     parsed = [
         codec.validate_chunk(
@@ -197,17 +202,24 @@ def stage_chunks(
     total = base[-1]
     cuda = device.type == "cuda"
     with _STAGING_LOCK:
+        read = _STAGING_READ.pop(str(device), None) if cuda else None
+        if read is not None:  # the previous batch's uploads are done with the pinned buffer
+            read.synchronize()
         host = _staging(device, total).numpy() if cuda else np.empty(total, dtype=np.uint8)
         buf = torch.empty(total, dtype=torch.uint8, device=device) if cuda else torch.from_numpy(host)
         bad = None
-        for i, (stored, computed) in enumerate(_checksum_and_copy(views, base, host)):
-            if stored != computed and bad is None:
-                bad = i
-            if cuda and bad is None:  # this chunk's bytes are staged: start its upload at once
-                lo, hi = base[i], base[i + 1]
-                buf[lo:hi].copy_(torch.from_numpy(host[lo:hi]), non_blocking=True)
-        if cuda:  # the staging buffer is free again when the lock is released
-            torch.cuda.current_stream(device).synchronize()
+        try:
+            for i, (stored, computed) in enumerate(_checksum_and_copy(views, base, host)):
+                if stored != computed and bad is None:
+                    bad = i
+                if cuda and bad is None:  # this chunk's bytes are staged: start its upload at once
+                    lo, hi = base[i], base[i + 1]
+                    buf[lo:hi].copy_(torch.from_numpy(host[lo:hi]), non_blocking=True)
+        finally:
+            if cuda:  # the staging buffer is free again once these uploads are done
+                read = torch.cuda.Event()
+                read.record(torch.cuda.current_stream(device))
+                _STAGING_READ[str(device)] = read
         if bad is not None:
             raise CorruptChunkError(f"chunk {bad} checksum mismatch: the bytes were corrupted")
     return StagedBatch(parsed=parsed, base=base[:-1], buf=buf)
@@ -312,17 +324,28 @@ def _overwrite_raw_staged(result: torch.Tensor, staged: StagedBatch, i: int, whe
     rows[where[0], :, where[1], :] = values
 
 
+# The decoder's metadata: a few int64s per chunk (columns below), from which both kernels find each
+# segment's word range, states, classes, coefficient block and output rows in the chunk bytes themselves.
+CHUNK_META = 9
+META_WORDS = 0  # 16-bit word index of the chunk's words section in the staged bytes
+META_OFFSETS = 1  # 32-bit word index of its offsets section (segment s: words [off[s], off[s + 1]))
+META_STATES = 2  # 32-bit word index of its states section (segment s: lanes states from s * lanes)
+META_LANES = 3
+META_TOKENS = 4
+META_Q = 5  # first element of the chunk's coefficients in DecodeBatch.q (segment s: + s * d * tokens)
+META_CLASSES = 6  # byte position of its classes section (segment s: d bytes from s * d)
+META_OUT = 7  # first element of the chunk in its dtype's output buffer
+META_ROPE = 8  # first cos/sin row (its first token's position in the tables)
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """The decoder's inputs for a batch of chunks, on the device (see ``prepare_decode``)."""
 
     staged: StagedBatch
-    rans_meta: torch.Tensor  # int64 [S, 6]: word start, word end, first state, lanes, tokens, q offset
-    recon_meta: torch.Tensor  # int64 [S, 4]: q offset, out offset, tokens, first cos/sin row
+    meta: torch.Tensor  # int64 [B, CHUNK_META]
     scale: torch.Tensor  # float64 [S]: mant * 2**-(exp + basis_exp)
-    classes: torch.Tensor  # uint8 [S, d]
-    live: torch.Tensor  # int32 [S, d]
-    n_live: torch.Tensor  # int32 [S]
+    live: torch.Tensor  # int32 [S, d]: scratch for the rANS kernel's lane plan
     q: torch.Tensor  # int32, flat: chunk after chunk, each [segments, tokens, d]
     status: torch.Tensor  # int32 [all segments]
     n_seg: list[int]
@@ -345,30 +368,39 @@ def _fusable(profile: CalibrationProfile) -> bool:
     return D % 2 == 0 and (not profile.has_rope or 2 * profile.inv_freq.size == D)
 
 
-def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBatch:
-    """Per-segment metadata for the kernels, computed on the host from the headers, in one upload.
+def _host_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """An int64 host tensor of ``n`` for one upload: pinned for a CUDA device (torch's caching host
+    allocator hands it out again only after the copy that reads it is done), so the upload is
+    asynchronous; a pageable copy would wait for the stream's earlier work."""
+    return torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")
 
-    Vectorised over the batch: every chunk has the profile's segments and group dimension (checked by
-    ``validate_chunk``), so the metadata is a few numpy broadcasts over [chunks, segments] whatever the
-    batch size. The per-component classes are read in place from the chunk bytes on the device.
+
+def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBatch:
+    """The kernels' inputs for a staged batch: ``CHUNK_META`` int64s per chunk, each segment's step
+    scale, the raw rows' positions, in one asynchronous upload; nothing waits for the device.
+
+    Every chunk has the profile's segments and group dimension (checked by ``validate_chunk``), so the
+    kernels derive each segment's ranges from its chunk's row and the sections in the staged bytes
+    (offsets, states, classes); the host work is a few numpy ops over [chunks] and one over
+    [chunks, segments] for the scales.
     """
     parsed = staged.parsed
     dev = staged.buf.device
     dp = _device_profile(profile, dev)
     h0 = parsed[0][0]
-    d, G, H, D, SP = h0.group_dim, h0.groups, h0.kv_heads, h0.head_dim, h0.segments
+    d, SP = h0.group_dim, h0.segments
     B = len(parsed)
     S = B * SP
-    base = np.asarray(staged.base, dtype=np.int64)
     lanes = np.array([h.lanes for h, _ in parsed], dtype=np.int64)
     tokens = np.array([h.n_tokens for h, _ in parsed], dtype=np.int64)
     sections: dict[int, dict[str, int]] = {}  # the sections up to the words depend only on the lanes
     for h, _ in parsed:
         if h.lanes not in sections:
             sections[h.lanes] = fmt.section_offsets(h)
-    off = {
-        k: np.array([sections[h.lanes][k] for h, _ in parsed], dtype=np.int64)
-        for k in ("classes", "states", "words")
+    at = {
+        k: np.asarray(staged.base, dtype=np.int64)
+        + np.array([sections[h.lanes][k] for h, _ in parsed], dtype=np.int64)
+        for k in ("classes", "states", "offsets", "words")
     }
     q_base = np.zeros(B + 1, dtype=np.int64)
     np.cumsum(SP * d * tokens, out=q_base[1:])
@@ -379,57 +411,41 @@ def prepare_decode(staged: StagedBatch, profile: CalibrationProfile) -> DecodeBa
         out_base.append(o)
         out_pos[h.dtype] = o + h.elements
     cos, sin, rows = _rope_rows(staged, profile)
-    # One int64 upload: rans [S, 6], recon [S, 4], scale [S] (float64 bits), classes' byte positions [B],
-    # then per chunk with raw rows their (layer * 2 + kv, token) positions [2, n_raw].
+    # One int64 upload: chunk metadata [B, CHUNK_META], scale [S] (float64 bits), then per chunk with raw
+    # rows their (layer * 2 + kv, token) positions [2, n_raw].
     raw_at: list[int] = []
-    pos = 11 * S + B
+    pos = CHUNK_META * B + S
     for h, _ in parsed:
         raw_at.append(pos)
         pos += 2 * h.n_raw
-    meta = np.empty(pos, dtype=np.int64)
-    for (h, sec), at in zip(parsed, raw_at, strict=True):
-        if h.n_raw:  # raw_index = (layer * 2 + kv) * tokens + token, increasing, in range (validated)
-            lk, tok = np.divmod(sec.raw_index.astype(np.int64), h.n_tokens)
-            meta[at : at + 2 * h.n_raw] = np.concatenate([lk, tok])
-    rans_meta = meta[: 6 * S].reshape(B, SP, 6)
-    recon_meta = meta[6 * S : 10 * S].reshape(B, SP, 4)
-    seg = np.arange(SP, dtype=np.int64)[None, :]
-    offsets = np.stack([sec.offsets for _, sec in parsed]).astype(np.int64)  # [B, SP + 1]
-    w0 = ((base + off["words"]) // 2)[:, None]
-    rans_meta[..., 0] = w0 + offsets[:, :-1]
-    rans_meta[..., 1] = w0 + offsets[:, 1:]
-    rans_meta[..., 2] = ((base + off["states"]) // 4)[:, None] + seg * lanes[:, None]
-    rans_meta[..., 3] = lanes[:, None]
-    rans_meta[..., 4] = tokens[:, None]
-    rans_meta[..., 5] = q_base[:-1, None] + seg * d * tokens[:, None]
-    recon_meta[..., 0] = rans_meta[..., 5]
-    head0 = (seg // G) * H + (seg % G) * (H // G)  # each segment's first head in [L * 2 * H]
-    recon_meta[..., 1] = np.asarray(out_base, dtype=np.int64)[:, None] + head0 * (tokens * D)[:, None]
-    recon_meta[..., 2] = tokens[:, None]
-    recon_meta[..., 3] = np.asarray(rows, dtype=np.int64)[:, None]
+    host = _host_buffer(pos, dev)
+    meta = host.numpy()
+    chunk = meta[: CHUNK_META * B].reshape(B, CHUNK_META)
+    chunk[:, META_WORDS] = at["words"] // 2
+    chunk[:, META_OFFSETS] = at["offsets"] // 4
+    chunk[:, META_STATES] = at["states"] // 4
+    chunk[:, META_LANES] = lanes
+    chunk[:, META_TOKENS] = tokens
+    chunk[:, META_Q] = q_base[:-1]
+    chunk[:, META_CLASSES] = at["classes"]
+    chunk[:, META_OUT] = out_base
+    chunk[:, META_ROPE] = rows
     mant = np.stack([sec.step_mant for _, sec in parsed]).astype(np.float64)
     exp = np.stack([sec.step_exp for _, sec in parsed]).astype(np.int64) + dp.basis_exp[None, :]
-    meta[10 * S : 11 * S].view(np.float64)[:] = np.ldexp(mant, -exp).ravel()
-    meta[11 * S : 11 * S + B] = base + off["classes"]
-    meta_d = torch.from_numpy(meta).to(dev)
-    if B == 1:  # the classes, viewed in the chunk's bytes on the device
-        pos = int(meta[11 * S])
-        classes = staged.buf[pos : pos + SP * d].view(SP, d)
-    else:  # gathered from the bytes with one index op
-        idx = meta_d[11 * S : 11 * S + B, None] + torch.arange(SP * d, device=dev)[None, :]
-        classes = staged.buf[idx.view(-1)].view(S, d)
-    live, n_live = live_lists(classes)
+    meta[CHUNK_META * B : CHUNK_META * B + S].view(np.float64)[:] = np.ldexp(mant, -exp).ravel()
+    for (h, sec), a in zip(parsed, raw_at, strict=True):
+        if h.n_raw:  # raw_index = (layer * 2 + kv) * tokens + token, increasing, in range (validated)
+            lk, tok = np.divmod(sec.raw_index.astype(np.int64), h.n_tokens)
+            meta[a : a + h.n_raw] = lk
+            meta[a + h.n_raw : a + 2 * h.n_raw] = tok
+    meta_d = host.to(dev, non_blocking=True) if dev.type == "cuda" else host
     fused = _fusable(profile)
-    q0 = int(q_base[-1])
-    q = (torch.empty if fused else torch.zeros)(q0 + 1, dtype=torch.int32, device=dev)
+    q = (torch.empty if fused else torch.zeros)(int(q_base[-1]) + 1, dtype=torch.int32, device=dev)
     return DecodeBatch(
         staged=staged,
-        rans_meta=meta_d[: 6 * S].view(S, 6),
-        recon_meta=meta_d[6 * S : 10 * S].view(S, 4),
-        scale=meta_d[10 * S : 11 * S].view(torch.float64),
-        classes=classes,
-        live=live,
-        n_live=n_live,
+        meta=meta_d[: CHUNK_META * B].view(B, CHUNK_META),
+        scale=meta_d[CHUNK_META * B : CHUNK_META * B + S].view(torch.float64),
+        live=torch.empty(S, d, dtype=torch.int32, device=dev),
         q=q,
         status=torch.empty(S, dtype=torch.int32, device=dev),
         n_seg=[SP] * B,
@@ -547,9 +563,10 @@ def launch_decode(batch: DecodeBatch) -> None:
     else:
         table = symtab = _packed_table(buf.device)
     tr.decode_kernel[(triton.cdiv(S, segs),)](
-        buf.view(torch.int16), buf.view(torch.int32), batch.rans_meta, batch.live, batch.n_live,
-        batch.classes, batch.q, table, symtab, batch.status, _sink(buf.device, S), S, batch.d,
-        SEGS=segs, BLOCK=block, LUT8=lut8, PREFETCH=prefetch, num_warps=warps, **tr.DECODE_CONSTANTS,
+        buf.view(torch.int16), buf.view(torch.int32), buf, batch.meta, batch.live, batch.q, table, symtab,
+        batch.status, _sink(buf.device, S), S, batch.n_seg[0], batch.d, META=CHUNK_META, SEGS=segs,
+        BLOCK=block, DBLOCK=lane_block(batch.d), LUT8=lut8, PREFETCH=prefetch, num_warps=warps,
+        **tr.DECODE_CONSTANTS,
     )  # fmt: skip
 
 
@@ -577,13 +594,18 @@ def launch_reconstruct(batch: DecodeBatch) -> list[torch.Tensor]:
             k += 1
         a, b = i * SP, k * SP  # every chunk has the profile's SP segments
         grid = (triton.cdiv(batch.max_tokens, BT), b - a, h0.heads_per_group)
-        trc.reconstruct_kernel[grid](
-            batch.q, batch.recon_meta[a:b], batch.scale[a:b], batch.n_live[a:b], batch.classes[a:b],
-            dp.b0, dp.b1, dp.mean, batch.cos, batch.sin, outs[parsed[i][0].dtype], d, SP, G,
-            HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
-            HALFP=max(16, triton.next_power_of_2(D // 2)), num_warps=TUNING["recon_warps"],
-            enable_fp_fusion=False,
-        )  # fmt: skip
+        wide = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.int8, device=dev)
+        # Two launches of one kernel: every tile whose coefficients fit in int8 (two dots), then the
+        # rest, flagged by the first (six dots; their code apart keeps the first out of register spills).
+        for w in (0, 1):
+            trc.reconstruct_kernel[grid](
+                batch.q, batch.meta[i:k], batch.scale[a:b], batch.staged.buf, dp.b0, dp.b1, dp.mean,
+                batch.cos, batch.sin, outs[parsed[i][0].dtype], wide, d, SP, G, h0.kv_heads, META=CHUNK_META,
+                HALF=D // 2, HAS_ROPE=batch.rope, BT=BT, KP=max(32, triton.next_power_of_2(d)),
+                HALFP=max(16, triton.next_power_of_2(D // 2)), QVEC=min(16, d & -d),
+                OVEC=min(16, D & -D), WIDE=w,
+                num_warps=TUNING["recon_warps"], enable_fp_fusion=False,
+            )  # fmt: skip
         i = k
     views = zip(parsed, batch.out_base, strict=True)
     return [outs[h.dtype][o : o + h.elements].view(h.shape) for (h, _), o in views]

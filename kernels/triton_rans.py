@@ -16,6 +16,10 @@ L1), or the bank's own uint8 slot->symbol table (4 KiB per table, 316 KiB in all
 symbol's ``freq | cum << 13`` from a 20 KiB table (two loads that mostly hit L1). Same arithmetic either
 way.
 
+Each program finds its segment's word range, states and classes in the chunk bytes from a few int64s
+per chunk (``gpu.CHUNK_META``), and builds the lane plan itself (the live components in order, one
+prefix sum over the segment's classes, kept in a scratch row), so the host prepares no per-segment data.
+
 Import this module only where Triton is installed; ``TRITON_INTERPRET=1`` (read when this module is
 imported) runs the kernels on CPU tensors.
 """
@@ -38,20 +42,22 @@ STATUS_END_STATE = 4  # a lane did not return to the initial state 2**16
 @triton.jit
 def decode_kernel(
     words_ptr,  # int16: the batch's chunk bytes viewed as 16-bit words (read as unsigned)
-    states_ptr,  # int32: the same bytes viewed as 32-bit words (lane states, read as unsigned)
-    meta_ptr,  # int64 [S, 6]: word start, word end, first state, lanes, tokens, out offset
-    live_ptr,  # int32 [S, D]: live components in order, then padding
-    n_live_ptr,  # int32 [S]
-    classes_ptr,  # uint8 [S, D]
+    states_ptr,  # int32: the same bytes viewed as 32-bit words (lane states and offsets, read as unsigned)
+    bytes_ptr,  # uint8: the same bytes (the classes)
+    meta_ptr,  # int64 [chunks, META]: per chunk, see gpu.CHUNK_META (word 0, offsets, states, lanes, ...)
+    live_ptr,  # int32 [S, D] scratch: each segment's live components in order (written here first)
     out_ptr,  # int32: segment s's [tokens, D] block at its out offset (dead columns untouched)
     table_ptr,  # LUT8: uint8 [n_tables, PROB_SCALE] symbols; else int32, packed (see module docstring)
     symtab_ptr,  # int32 [n_tables, 64]: freq | cum << 13 (read with LUT8 only)
     status_ptr,  # int32 [S]
     sink_ptr,  # int32 [S]: receives the prefetched words' XOR (unused; keeps the loads alive)
     S,
+    SP,  # segments per chunk (every chunk of a batch has the profile's)
     D,
+    META: tl.constexpr,  # int64 columns per chunk in meta
     SEGS: tl.constexpr,  # segments per program, each its own row of lanes
     BLOCK: tl.constexpr,
+    DBLOCK: tl.constexpr,  # a power of two >= D
     LUT8: tl.constexpr,
     PREFETCH: tl.constexpr,  # words ahead of the stream position to touch each step (0: none)
     PROB_BITS: tl.constexpr,
@@ -60,14 +66,32 @@ def decode_kernel(
 ):
     seg = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS).to(tl.int64)  # [SEGS]
     seg_on = seg < S
-    meta = meta_ptr + seg * 6
-    ptr = tl.load(meta, mask=seg_on, other=0)
-    end = tl.load(meta + 1, mask=seg_on, other=0)
-    state_base = tl.load(meta + 2, mask=seg_on, other=0)
+    # Per-segment values from the chunk's metadata and its own offsets section (in the bytes; validated
+    # on the host: increasing, within the chunk's words).
+    k = seg % SP
+    meta = meta_ptr + (seg // SP) * META
+    w0 = tl.load(meta, mask=seg_on, other=0)
+    offs = tl.load(meta + 1, mask=seg_on, other=0) + k
+    lo = tl.load(states_ptr + offs, mask=seg_on, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    hi = tl.load(states_ptr + offs + 1, mask=seg_on, other=0).to(tl.uint32, bitcast=True).to(tl.int64)
+    ptr = w0 + lo
+    end = w0 + hi
     lanes = tl.load(meta + 3, mask=seg_on, other=0).to(tl.int32)
+    state_base = tl.load(meta + 2, mask=seg_on, other=0) + k * lanes
     n_tok = tl.load(meta + 4, mask=seg_on, other=0).to(tl.int32)
-    out_base = tl.load(meta + 5, mask=seg_on, other=0)
-    n_live = tl.load(n_live_ptr + seg, mask=seg_on, other=0)
+    out_base = tl.load(meta + 5, mask=seg_on, other=0) + k * D * n_tok
+    cls_base = tl.load(meta + 6, mask=seg_on, other=0) + k * D
+    # The lane plan: live components (class != 0) first, in order, by a prefix sum over the classes.
+    c = tl.arange(0, DBLOCK)
+    cls_row = tl.load(
+        bytes_ptr + cls_base[:, None] + c[None, :], mask=seg_on[:, None] & (c[None, :] < D), other=0
+    )
+    is_live = (cls_row != 0).to(tl.int32)
+    n_live = tl.sum(is_live, axis=1)
+    rank = tl.cumsum(is_live, axis=1) - is_live
+    comps = tl.zeros((SEGS, DBLOCK), tl.int32) + c[None, :]
+    tl.store(live_ptr + seg[:, None] * D + rank, comps, mask=is_live != 0)
+    tl.debug_barrier()  # the list is read back below by other threads of this program
     active = tl.minimum(lanes, n_live)
     g = tl.arange(0, BLOCK)
     lane_on = g[None, :] < active[:, None]  # [SEGS, BLOCK]
@@ -94,7 +118,7 @@ def decode_kernel(
         idx = j * active[:, None] + g[None, :]
         on_j = lane_on & (idx < n_live[:, None])
         comp = tl.load(live_ptr + seg[:, None] * D + idx, mask=on_j, other=0)
-        cl = tl.load(classes_ptr + seg[:, None] * D + comp, mask=on_j, other=0).to(tl.int64)
+        cl = tl.load(bytes_ptr + cls_base[:, None] + comp, mask=on_j, other=0).to(tl.int64)
         row_table = table_ptr + (cl << PROB_BITS)
         row_sym = symtab_ptr + (cl << 6)
         out_col = out_ptr + out_base[:, None] + comp.to(tl.int64)

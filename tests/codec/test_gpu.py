@@ -306,6 +306,22 @@ def test_large_coefficients_take_the_exact_wide_path(profile: CalibrationProfile
     assert torch.equal(cpu.view(torch.uint8), dev.view(torch.uint8))
 
 
+def test_two_dot_and_six_dot_tiles_in_one_batch(profile: CalibrationProfile) -> None:
+    """Segments whose coefficients fit in int8 (the reconstruction's first launch) beside segments that do
+    not (flagged, the second launch), in one chunk and across the chunks of a batch: the CPU's bits."""
+    x = _kv(6, 33, torch.bfloat16)
+    chunks = [
+        codec.encode_chunk(x, profile, level=2, token_start=4, base_step=step, backend="cpu").data
+        for step in (8.0, 32.0)
+    ]
+    peaks = [np.abs(codec.reconstruct_coefficients(*fmt.parse_chunk(c))).max(axis=(1, 2)) for c in chunks]
+    assert np.any(peaks[0] > 127) and np.any(peaks[0] <= 127) and np.all(peaks[1] <= 127)
+    got = gpu.decode_chunks_gpu(chunks, profile, device=DEV)
+    for data, y in zip(chunks, got, strict=True):
+        ref = codec.decode_chunk(data, profile, backend="cpu")
+        assert torch.equal(ref.view(torch.uint8), y.cpu().view(torch.uint8))
+
+
 def test_partial_rotary_profile_uses_the_torch_fallback(profile: CalibrationProfile) -> None:
     """Rotary over part of each head is outside the one-pass kernel: the torch path decodes it, same bits."""
     part = with_digest(dataclasses.replace(profile, inv_freq=profile.inv_freq[:2], digest=""))
