@@ -109,6 +109,12 @@ class SoakOptions:
     def scaled(self) -> bool:
         return self.ingest_workers > 0
 
+    @property
+    def deployment(self) -> str:
+        if self.scaled:
+            return f"kvwire serve --workers {self.serve_workers} + {self.ingest_workers} kvwire worker"
+        return "one kvwire serve process, embedded worker"
+
 
 @dataclass
 class Reference:
@@ -173,6 +179,11 @@ def sha(data: bytes) -> str:
 def _checks(data: bytes) -> tuple[str, str]:
     """(crc32 hex, sha256 hex) of a chunk; both release the GIL, so they run in a thread."""
     return crc32_hex(data), sha(data)
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (a run cut short by a timeout still shows how far it got)."""
+    print(f"soak {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -259,21 +270,37 @@ class Soak:
     # -- reference
 
     async def build_reference(self) -> None:
-        """Tenant t0 ingests the reference contexts and fetches and decodes every chunk; the other
-        tenants ingest them once too (so that the soak's ingests all reuse stored chunks). Raises if
-        anything went wrong; the soak's counts start from zero afterwards."""
+        """Every tenant ingests the reference contexts (all at once, so that every ingest worker is
+        busy; chunk keys are per tenant, so each tenant's first ingest runs the model, and the soak's
+        ingests then all reuse stored chunks); t0's chunks are fetched and decoded: the reference.
+        Raises if anything went wrong; the soak's counts start from zero afterwards."""
         import httpx
 
         rng = random.Random(self.o.seed)
         n_tokens = self.o.chunk_tokens * self.o.context_chunks
-        headers = {"Authorization": f"Bearer {self.keys[TENANTS[0]]}"}
+        contexts = [[rng.randrange(1, self.o.vocab) for _ in range(n_tokens)] for _ in range(self.o.contexts)]
         wait_s = self.o.startup_timeout_s
+        done = 0
+
+        async def ingest(client: Any, tenant: str, i: int) -> dict[str, Any] | None:
+            nonlocal done
+            manifest = await self.rest_create(client, contexts[i], f"ref-{i}", wait_s)
+            done += 1
+            say(f"reference ingest {done} of {len(TENANTS) * len(contexts)} done ({tenant} ref-{i})")
+            return manifest
+
+        async def ingest_all(tenant: str) -> list[dict[str, Any] | None]:
+            headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+            async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=600) as client:
+                return list(await asyncio.gather(*(ingest(client, tenant, i) for i in range(len(contexts)))))
+
+        manifests = await asyncio.gather(*(ingest_all(t) for t in TENANTS))
+        if self.stats.errors:
+            raise RuntimeError(f"reference ingests failed: {self.stats.problems}")
+        headers = {"Authorization": f"Bearer {self.keys[TENANTS[0]]}"}
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=600) as client:
-            for i in range(self.o.contexts):
-                ids = [rng.randrange(1, self.o.vocab) for _ in range(n_tokens)]
-                manifest = await self.rest_create(client, ids, f"ref-{i}", wait_s)
-                if manifest is None:
-                    raise RuntimeError(f"reference ingest failed: {self.stats.problems}")
+            for i, (ids, manifest) in enumerate(zip(contexts, manifests[0], strict=True)):
+                assert manifest is not None
                 entries = [self._entry(c) for c in manifest["chunks"]]
                 if self.decoder is None:
                     profile = await client.get(f"/v1/profiles/{manifest['profile_digest']}")
@@ -299,18 +326,12 @@ class Soak:
                         nbytes=[len(d) for d in datas],
                     )
                 )
-
-        async def warm(tenant: str) -> None:
-            headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
-            async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=600) as client:
-                for i, ref in enumerate(self.refs):
-                    manifest = await self.rest_create(client, ref.token_ids, f"warm-{i}", wait_s)
-                    if manifest is not None:
-                        entries = [self._entry(c) for c in manifest["chunks"]]
-                        keys, sums = [e["key"] for e in entries], [e["checksum"] for e in entries]
-                        self.check_manifest(ref, keys, sums, f"{tenant} warm-{i}")
-
-        await asyncio.gather(*(warm(t) for t in TENANTS[1:]))
+        for tenant, theirs in zip(TENANTS[1:], manifests[1:], strict=True):
+            for i, (ref, manifest) in enumerate(zip(self.refs, theirs, strict=True)):
+                assert manifest is not None
+                entries = [self._entry(c) for c in manifest["chunks"]]
+                keys, sums = [e["key"] for e in entries], [e["checksum"] for e in entries]
+                self.check_manifest(ref, keys, sums, f"{tenant} ref-{i}")
         if self.stats.errors:
             raise RuntimeError(f"building the reference failed: {self.stats.problems}")
         self.stats = Stats()
@@ -772,29 +793,42 @@ def run(options: SoakOptions) -> dict[str, Any]:
         env.update(options.extra_env)
         server = KvwireProcess(workdir / "server", env)
         stack.callback(server.stop)
-        workers = [KvwireWorkerProcess(workdir / f"worker-{w}", env) for w in range(options.ingest_workers)]
+        # Each worker's torch gets its share of the cores: M workers prefilling at once with a thread
+        # per core each oversubscribe the machine (OMP_NUM_THREADS in --env overrides).
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, options.ingest_workers)))
+        worker_env = {"OMP_NUM_THREADS": threads, **env}
+        workers = [
+            KvwireWorkerProcess(workdir / f"worker-{w}", worker_env) for w in range(options.ingest_workers)
+        ]
         for worker in workers:
             stack.callback(worker.stop)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            starting = pool.submit(server.start, timeout_s=options.startup_timeout_s)
-            for worker in workers:  # one at a time: the first calibrates the model if no profile is
-                worker.start(timeout_s=options.startup_timeout_s)  # cached, the others read it
-            starting.result()
+        say(f"starting {options.deployment}")
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(workers))) as pool:
+            starting = [pool.submit(server.start, timeout_s=options.startup_timeout_s)]
+            if workers:  # the first alone: it calibrates the model if no profile is cached
+                workers[0].start(timeout_s=options.startup_timeout_s)
+            starting += [pool.submit(w.start, timeout_s=options.startup_timeout_s) for w in workers[1:]]
+            for future in starting:
+                future.result()
         import psutil
 
         api = server.wait_serving(options.serve_workers if options.scaled else 1, options.startup_timeout_s)
         worker_processes = [psutil.Process(w.pid) for w in workers]
+        say(f"{len(api)} API and {len(workers)} worker processes ready; building the reference")
         soak = Soak(options, server.base_url, server.grpc_target, keys)
         idle = sample_memory(api, worker_processes)
         asyncio.run(soak.build_reference())
         ready = sample_memory(api, worker_processes)
         stack.callback(lambda: soak.decoder.close() if soak.decoder else None)
+        say(f"reference built; {options.clients} clients for {options.seconds} s")
         with Sampler(api, worker_processes) as sampler:
             elapsed = run_clients(soak)
         end = sampler.samples[-1] if sampler.samples else ready
+        say(f"clients done after {elapsed:.1f} s; sweeping {len(soak.acknowledged)} contexts")
         swept = asyncio.run(soak.sweep())
         time.sleep(options.settle_s)
         settled = sample_memory(api, worker_processes)
+        say("done; stopping the servers")
         log_text = "".join(p.log_path.read_text(errors="replace") for p in [server, *workers])
         timeouts_fired = {
             "http_connections_closed": log_text.count("closing HTTP connection"),
@@ -807,11 +841,7 @@ def run(options: SoakOptions) -> dict[str, Any]:
             "options": {
                 k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(options).items()
             },
-            "deployment": (
-                f"kvwire serve --workers {options.serve_workers} + {options.ingest_workers} kvwire worker"
-                if options.scaled
-                else "one kvwire serve process, embedded worker"
-            ),
+            "deployment": options.deployment,
             "elapsed_s": round(elapsed, 1),
             "requests": s.requests,
             "requests_per_s": round(s.requests / elapsed, 1),
