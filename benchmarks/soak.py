@@ -747,6 +747,12 @@ class Sampler:
     def peak(self, what: str) -> int:
         return max((getattr(s, what) for s in self.samples), default=0)
 
+    def quarters(self, what: str) -> list[int]:
+        """``what`` at the end of each quarter of the sampled time: growth that levels off is the
+        allocator's and the caches' high-water mark, growth that goes on is a leak."""
+        n = len(self.samples)
+        return [getattr(self.samples[max(0, n * k // 4 - 1)], what) for k in range(1, 5)] if n else []
+
     def __enter__(self) -> Sampler:
         self._thread.start()
         return self
@@ -884,6 +890,8 @@ def run(options: SoakOptions) -> dict[str, Any]:
             "worker_rss_peak_mb": _mib(sampler.peak("worker_rss")),
             "worker_rss_settled_mb": _mib(settled.worker_rss),
             "largest_process_rss_peak_mb": _mib(sampler.peak("max_rss")),
+            "server_rss_by_quarter_mb": [_mib(v) for v in sampler.quarters("rss")],
+            "api_rss_by_quarter_mb": [_mib(v) for v in sampler.quarters("api_rss")],
             "server_threads_idle": idle.threads,
             "server_threads_ready": ready.threads,
             "server_threads_peak": sampler.peak("threads"),
@@ -954,6 +962,10 @@ def markdown(report: dict[str, Any]) -> str:
             "ingest workers' RSS: after reference / peak / settled",
             f"{report['worker_rss_after_reference_mb']} / {report['worker_rss_peak_mb']} / "
             f"{report['worker_rss_settled_mb']} MiB",
+        ),
+        (
+            "API processes' RSS at the end of each quarter of the load",
+            " / ".join(str(v) for v in report["api_rss_by_quarter_mb"]) + " MiB",
         ),
         ("largest single process RSS, peak", f"{report['largest_process_rss_peak_mb']} MiB"),
         (
