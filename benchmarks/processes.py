@@ -3,10 +3,12 @@
 * :class:`RedisProcess`: a redis-server, optionally persistent (AOF, ``appendfsync always``) so that
   data written before a ``kill -9`` is there after :meth:`~RedisProcess.start` again on the same port;
 * :class:`MotoProcess`: moto's S3 server as a subprocess (in-memory: a kill loses every object);
-* :class:`KvwireProcess`: ``kvwire serve`` (REST and gRPC) with the environment it is given.
+* :class:`KvwireProcess`: ``kvwire serve`` (REST and gRPC) with the environment it is given, one
+  process or a supervisor with ``KVWIRE_WORKERS`` serving children;
+* :class:`KvwireWorkerProcess`: ``kvwire worker``, a standalone ingest worker on the Redis job queue.
 
-Used by tests/faults and benchmarks/soak.py. Every process gets its own port, never a service the machine
-may run (such as a Redis on 6379), and a log file in its work directory.
+Used by tests/faults, benchmarks/soak.py and benchmarks/serving.py. Every process gets its own port,
+never a service the machine may run (such as a Redis on 6379), and a log file in its work directory.
 """
 
 from __future__ import annotations
@@ -226,18 +228,8 @@ class KvwireProcess(ManagedProcess):
         return [sys.executable, "-m", "kvwire.cli", "serve"]
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVWIRE_")}
-        env.update(self._env)
-        env.update(
-            {
-                "KVWIRE_HOST": "127.0.0.1",
-                "KVWIRE_PORT": str(self.port),
-                "KVWIRE_GRPC_PORT": str(self.grpc_port),
-                "HF_HUB_OFFLINE": "1",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        return env
+        ports = {"KVWIRE_PORT": str(self.port), "KVWIRE_GRPC_PORT": str(self.grpc_port)}
+        return kvwire_env({**self._env, "KVWIRE_HOST": "127.0.0.1", **ports})
 
     def ready(self) -> bool:
         if not (port_open(self.port) and port_open(self.grpc_port)):
@@ -255,6 +247,87 @@ class KvwireProcess(ManagedProcess):
 
         p = psutil.Process(self.pid)
         return int(p.memory_info().rss), int(p.num_threads())
+
+    def serving_children(self) -> list[Any]:
+        """The supervisor's children (psutil processes) that listen on the REST port: with
+        ``KVWIRE_WORKERS`` N, the N serving processes; with one process, none."""
+        import psutil
+
+        return [c for c in psutil.Process(self.pid).children() if listens(c, self.port)]
+
+    def wait_serving(self, count: int, timeout_s: float) -> list[Any]:
+        """Wait until ``count`` children serve (the supervisor answers once one does), then until
+        every serving process is idle (each compiles the controller's planner at start); return them
+        (psutil processes), the supervisor first when ``count`` > 1."""
+        import psutil
+
+        deadline = time.monotonic() + timeout_s
+        if count <= 1:
+            processes = [psutil.Process(self.pid)]
+        else:
+            children: list[Any] = []
+            while len(children) < count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"kvwire serve --workers {count} did not start every process")
+                time.sleep(0.1)
+                children = self.serving_children()
+            processes = [psutil.Process(self.pid), *children]
+        wait_idle(processes, deadline)
+        return processes
+
+
+class KvwireWorkerProcess(ManagedProcess):
+    """``kvwire worker``: consumes the Redis job queue (``KVWIRE_JOBS_REDIS_URL`` in ``env``) with the
+    configured model. Ready once it logs that it consumes (model loaded, profile calibrated or read)."""
+
+    name = "kvwire-worker"
+
+    def __init__(self, workdir: Path, env: dict[str, str]):
+        super().__init__(workdir, port=0)
+        self._env = env
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "kvwire.cli", "worker"]
+
+    def env(self) -> dict[str, str]:
+        return kvwire_env(self._env)
+
+    def ready(self) -> bool:
+        return self.log_path.exists() and b" consuming " in self.log_path.read_bytes()
+
+
+def kvwire_env(settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its ``KVWIRE_*`` variables, plus ``settings``, offline and
+    unbuffered: the environment of a ``kvwire`` subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVWIRE_")}
+    env.update(settings)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def listens(process: Any, port: int) -> bool:
+    """Whether ``process`` (psutil) has a TCP socket listening on ``port``."""
+    try:
+        return any(c.status == "LISTEN" and c.laddr.port == port for c in process.net_connections("tcp"))
+    except Exception:  # gone, or not ours to inspect
+        return False
+
+
+def wait_idle(processes: list[Any], deadline: float, interval_s: float = 0.5) -> None:
+    """Wait until ``processes`` (psutil) use less than 5% of a core each over ``interval_s``;
+    ``RuntimeError`` at ``deadline`` (``time.monotonic()``)."""
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = cpu()
+        if now - before < 0.05 * interval_s * len(processes):
+            return
+        before = now
+    raise RuntimeError("the serving processes did not settle")
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:

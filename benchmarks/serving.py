@@ -138,43 +138,11 @@ def kvwire_workers(workdir: Path, redis_url: str, workers: int) -> Iterator[tupl
     server = KvwireProcess(workdir / f"kvwire-{workers}", env)
     server.start(timeout_s=300)
     try:
-        # The supervisor answers once one child does: wait until every child listens.
-        import psutil
-
-        deadline = time.monotonic() + 300
-        children: list[Any] = []
-        while len(children) < workers:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvwire serve --workers {workers} did not start every process")
-            time.sleep(0.1)
-            children = [c for c in psutil.Process(server.pid).children() if _listens(c, server.port)]
-        _wait_idle(children, deadline)  # each process compiles the controller's planner at start
+        # The supervisor answers once one child does: wait until every child listens and is idle.
+        server.wait_serving(workers, timeout_s=300)
         yield server.base_url, server.grpc_target
     finally:
         server.stop()
-
-
-def _wait_idle(processes: list[Any], deadline: float, interval_s: float = 0.5) -> None:
-    """Wait until ``processes`` (psutil) use less than 5% of a core each over ``interval_s``."""
-
-    def cpu() -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in processes)
-
-    before = cpu()
-    while time.monotonic() < deadline:
-        time.sleep(interval_s)
-        now = cpu()
-        if now - before < 0.05 * interval_s * len(processes):
-            return
-        before = now
-    raise RuntimeError("the serving processes did not settle")
-
-
-def _listens(process: Any, port: int) -> bool:
-    try:
-        return any(c.status == "LISTEN" and c.laddr.port == port for c in process.net_connections("tcp"))
-    except Exception:  # gone, or not ours to inspect
-        return False
 
 
 @contextlib.contextmanager
