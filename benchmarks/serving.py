@@ -285,12 +285,16 @@ def seed(store: Any, payloads: dict[str, list[bytes]], manifest_chunks: int) -> 
 # ------------------------------------------------------------------------------------- client
 
 
-def ready(_: int = 0) -> int:
-    """Run in each client process once, first: import the clients (and hold the process a moment,
-    so that the pool starts one process per connection)."""
+def ready(malloc_threshold: int = 0) -> int:
+    """Run in each client process once, first: import the clients, set its malloc thresholds as a
+    serving process does when ``malloc_threshold`` (``--client-malloc kvwire``), and hold the
+    process a moment, so that the pool starts one process per connection."""
     import grpc  # noqa: F401
     import redis  # noqa: F401
 
+    from kvwire.server.allocator import keep_freed_memory
+
+    keep_freed_memory(malloc_threshold)
     time.sleep(1.0)
     return os.getpid()
 
@@ -459,6 +463,14 @@ def main(argv: list[str] | None = None) -> int:
         help="raw redis-py GETs before each service cell (each), or once per size and concurrency at the "
         "start and again at the end (once: half the time, for an otherwise idle machine)",
     )
+    parser.add_argument(
+        "--client-malloc",
+        choices=["default", "kvwire"],
+        default="default",
+        help="glibc malloc thresholds of the client processes: glibc's defaults, or those `kvwire serve` "
+        "sets (KVWIRE_MALLOC_MMAP_THRESHOLD_BYTES; kvwire.server.allocator). The servers always run "
+        "with kvwire's",
+    )
     parser.add_argument("--out", type=Path, help="write the Markdown table (and run notes) here")
     parser.add_argument("--json", type=Path, help="write the cells as JSON here")
     args = parser.parse_args(argv)
@@ -473,10 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(1)
     payloads = {s: [rng.randbytes(SIZES[s]) for _ in range(args.chunks)] for s in sizes}
 
+    from kvwire.server.allocator import keep_freed_memory
+    from kvwire.server.config import ServiceSettings
     from kvwire.server.storage import LocalStore, TieredStore
     from kvwire.server.storage.redis import RedisStore
     from kvwire.server.storage.s3 import S3Store
 
+    # The in-process REST and gRPC servers run with the malloc thresholds `kvwire serve` sets.
+    malloc_threshold = ServiceSettings().malloc_mmap_threshold_bytes
+    server_malloc = keep_freed_memory(malloc_threshold)
     load_before = load_average()
     began = time.perf_counter()
     cells: list[Cell] = []
@@ -489,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrent.futures.ProcessPoolExecutor(n_clients, mp_context=spawn) as clients,
     ):
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        pids = list(clients.map(ready, range(n_clients)))  # one process per connection, started now
+        client_threshold = malloc_threshold if args.client_malloc == "kvwire" else 0
+        pids = list(clients.map(ready, [client_threshold] * n_clients))  # one process per connection
         if len(set(pids)) < n_clients:
             raise RuntimeError(f"{len(set(pids))} client processes started, {n_clients} needed")
 
@@ -588,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Server: uvicorn {uvicorn_http(args.http)}, in a thread of the benchmark process, API key "
         "auth, no access log; the gRPC server likewise; redis-server and moto's S3 server are "
         "subprocesses on loopback.",
+        f"- malloc: the serving processes keep freed buffers up to {malloc_threshold:,} bytes "
+        f"(kvwire.server.allocator; applied here: {'yes' if server_malloc else 'no'}); the client "
+        f"processes run with "
+        + ("the same thresholds." if args.client_malloc == "kvwire" else "glibc's default thresholds."),
         "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, the raw GETs (same size and "
         "concurrency, same client processes) run "
         + (

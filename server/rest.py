@@ -506,10 +506,12 @@ def serve_process(settings: ServiceSettings, *, reuse_port: bool = False) -> Non
     """
     import uvicorn
 
+    from kvwire.server.allocator import keep_freed_memory
     from kvwire.server.service import build_service
     from kvwire.server.supervisor import reuse_port_socket
     from kvwire.server.timeouts import uvicorn_options
 
+    keep_freed_memory(settings.malloc_mmap_threshold_bytes)  # before the servers' threads allocate
     sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
     service = build_service(settings)
     access = AccessControl(settings)  # one rate-limit bucket per key across both APIs

@@ -396,6 +396,7 @@ def test_kvwire_serve_runs_grpc_beside_rest(
     """``rest.serve`` with ``grpc_port`` starts the gRPC API on the same service and stops it after."""
     import uvicorn
 
+    import kvwire.server.allocator
     import kvwire.server.service
     from kvwire.server.rest import serve
 
@@ -409,11 +410,14 @@ def test_kvwire_serve_runs_grpc_beside_rest(
             answers.append(pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=10))  # alive
         self.started = True
 
+    thresholds: list[int] = []  # mallopt would change this whole test process: record instead
+    monkeypatch.setattr(kvwire.server.allocator, "keep_freed_memory", lambda b: thresholds.append(b))
     monkeypatch.setattr(kvwire.server.service, "build_service", lambda s: service)
     monkeypatch.setattr(service, "close", lambda: None)
     monkeypatch.setattr(uvicorn.Server, "run", fake_server_run)
-    serve(settings.model_copy(update={"grpc_port": port}))
+    serve(settings.model_copy(update={"grpc_port": port, "malloc_mmap_threshold_bytes": 12345}))
     assert [a.status for a in answers] == ["ok"]
+    assert thresholds == [12345]  # the serving process keeps its chunk buffers (kvwire.server.allocator)
     # Stopped with the REST server.
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
         pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=1)
