@@ -253,10 +253,17 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 # --------------------------------------------------------------------------------------------- auth
 
 
-def authenticate(request: Request) -> str:
-    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``)."""
+async def authenticate(request: Request) -> str:
+    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``).
+
+    On the event loop unless the rate limit is shared through Redis: FastAPI runs a plain ``def``
+    dependency in its thread pool, a second thread hop per request on top of the endpoint's, which
+    cost more than the hash and comparisons themselves (docs/serving-benchmark.md)."""
     access: AccessControl = request.app.state.access
-    return access.admit(request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    if access.admit_blocks:
+        return await run_in_threadpool(access.admit, header)
+    return access.admit(header)
 
 
 Tenant = Annotated[str, Depends(authenticate)]
