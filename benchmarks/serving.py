@@ -6,8 +6,9 @@ Usage: ``python benchmarks/serving.py [--seconds 1.0] [--chunks 8] [--concurrenc
 Starts its own redis-server on a free loopback port, moto's S3 server (a subprocess) and a local store
 in a temp dir; seeds, per payload size, a context of ``--chunks`` random chunks (a real
 ``ContextManifest`` under ``manifest_key``, no model); serves each backend (local, redis, s3, tiered
-= redis over s3) with the REST app under uvicorn in this process, with the protocol and timeouts
-``kvwire serve`` uses (API keys on), then with the gRPC server, and drives each from client
+= redis over s3, tiered-local = redis over local disk) with the REST app under uvicorn in this
+process, with the protocol, timeouts and malloc thresholds ``kvwire serve`` uses (API keys on), then
+with the gRPC server, and drives each from client
 *processes*: N connections are N processes with one keep-alive connection each (``http.client``,
 the lightest Python HTTP client, or a grpcio channel), so that no client interpreter lock is the
 bottleneck. Raw redis-py GETs of the same payloads run from the same client processes at the same
@@ -443,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", default="1,8", help="connections (one client process each), comma-separated"
     )
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"payload sizes among {list(SIZES)}")
-    parser.add_argument("--backends", default="local,redis,s3,tiered")
+    parser.add_argument(
+        "--backends",
+        default="local,redis,s3,tiered",
+        help="among local, redis, s3, tiered (Redis over S3) and tiered-local (Redis over local disk)",
+    )
     parser.add_argument("--transports", default="REST,gRPC,gRPC-stream")
     parser.add_argument(
         "--http",
@@ -559,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                 return s3("s3")
             if name == "tiered":
                 return TieredStore(RedisStore(redis_url, namespace="bench-tiered"), s3("tiered"))
+            if name == "tiered-local":  # the same hot tier over local disk: no S3 server needed
+                hot = RedisStore(redis_url, namespace="bench-tiered-local")
+                return TieredStore(hot, LocalStore(Path(tmp) / "tiered-cold"))
             raise SystemExit(f"unknown backend {name!r}")
 
         def measure_servers(name: str, rest_url: str | None, grpc_address: str | None) -> None:
