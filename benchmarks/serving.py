@@ -494,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     from kvwire.server.config import ServiceSettings
     from kvwire.server.storage import LocalStore, TieredStore
     from kvwire.server.storage.redis import RedisStore
-    from kvwire.server.storage.s3 import S3Store
 
     # The in-process REST and gRPC servers run with the malloc thresholds `kvwire serve` sets.
     malloc_threshold = ServiceSettings().malloc_mmap_threshold_bytes
@@ -552,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
                 raw_first[size, n] = cells[-1].rps
 
         def open_backend(name: str) -> Any:
-            def s3(prefix: str) -> S3Store:
+            def s3(prefix: str) -> Any:
+                from kvwire.server.storage.s3 import S3Store  # boto3: only for the S3 backends
+
                 return S3Store("kvwire-bench", endpoint_url=s3_url, prefix=prefix, create_bucket=True,
                                **S3_CREDENTIALS)  # fmt: skip
 
