@@ -6,7 +6,7 @@ above ``M_MMAP_THRESHOLD`` fresh from the kernel and unmaps them on free, and gi
 back once more than ``M_TRIM_THRESHOLD`` of it is free. Its own adaptive thresholds (start: 128 KiB,
 raised as large blocks are freed) still let chunk-sized buffers go back to the kernel between
 requests when several are freed together, so that the next request writes fresh pages: one page
-fault per 4 KiB. Measured on 1 MiB chunks (docs/serving-benchmark.md): about 640 page faults per gRPC
+fault per 4 KiB. Measured on 1 MiB chunks (docs/serving-benchmark.md): 560-750 page faults per gRPC
 ``GetChunk`` in the server, over half of its CPU time, and about 230 per REST request at 8
 connections. Pinning both thresholds above the largest chunk keeps those buffers in the heap for the
 next request; the price is that a process keeps up to twice the threshold of free memory per malloc
