@@ -6,8 +6,9 @@ Usage: ``python benchmarks/serving.py [--seconds 1.0] [--chunks 8] [--concurrenc
 Starts its own redis-server on a free loopback port, moto's S3 server (a subprocess) and a local store
 in a temp dir; seeds, per payload size, a context of ``--chunks`` random chunks (a real
 ``ContextManifest`` under ``manifest_key``, no model); serves each backend (local, redis, s3, tiered
-= redis over s3) with the REST app under uvicorn in this process, with the protocol and timeouts
-``kvwire serve`` uses (API keys on), then with the gRPC server, and drives each from client
+= redis over s3, tiered-local = redis over local disk) with the REST app under uvicorn in this
+process, with the protocol, timeouts and malloc thresholds ``kvwire serve`` uses (API keys on), then
+with the gRPC server, and drives each from client
 *processes*: N connections are N processes with one keep-alive connection each (``http.client``,
 the lightest Python HTTP client, or a grpcio channel), so that no client interpreter lock is the
 bottleneck. Raw redis-py GETs of the same payloads run from the same client processes at the same
@@ -253,12 +254,16 @@ def seed(store: Any, payloads: dict[str, list[bytes]], manifest_chunks: int) -> 
 # ------------------------------------------------------------------------------------- client
 
 
-def ready(_: int = 0) -> int:
-    """Run in each client process once, first: import the clients (and hold the process a moment,
-    so that the pool starts one process per connection)."""
+def ready(malloc_threshold: int = 0) -> int:
+    """Run in each client process once, first: import the clients, set its malloc thresholds as a
+    serving process does when ``malloc_threshold`` (``--client-malloc kvwire``), and hold the
+    process a moment, so that the pool starts one process per connection."""
     import grpc  # noqa: F401
     import redis  # noqa: F401
 
+    from kvwire.server.allocator import keep_freed_memory
+
+    keep_freed_memory(malloc_threshold)
     time.sleep(1.0)
     return os.getpid()
 
@@ -407,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", default="1,8", help="connections (one client process each), comma-separated"
     )
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"payload sizes among {list(SIZES)}")
-    parser.add_argument("--backends", default="local,redis,s3,tiered")
+    parser.add_argument(
+        "--backends",
+        default="local,redis,s3,tiered",
+        help="among local, redis, s3, tiered (Redis over S3) and tiered-local (Redis over local disk)",
+    )
     parser.add_argument("--transports", default="REST,gRPC,gRPC-stream")
     parser.add_argument(
         "--http",
@@ -427,6 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         help="raw redis-py GETs before each service cell (each), or once per size and concurrency at the "
         "start and again at the end (once: half the time, for an otherwise idle machine)",
     )
+    parser.add_argument(
+        "--client-malloc",
+        choices=["default", "kvwire"],
+        default="default",
+        help="glibc malloc thresholds of the client processes: glibc's defaults, or those `kvwire serve` "
+        "sets (KVWIRE_MALLOC_MMAP_THRESHOLD_BYTES; kvwire.server.allocator). The servers always run "
+        "with kvwire's",
+    )
     parser.add_argument("--out", type=Path, help="write the Markdown table (and run notes) here")
     parser.add_argument("--json", type=Path, help="write the cells as JSON here")
     args = parser.parse_args(argv)
@@ -441,10 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(1)
     payloads = {s: [rng.randbytes(SIZES[s]) for _ in range(args.chunks)] for s in sizes}
 
+    from kvwire.server.allocator import keep_freed_memory
+    from kvwire.server.config import ServiceSettings
     from kvwire.server.storage import LocalStore, TieredStore
     from kvwire.server.storage.redis import RedisStore
-    from kvwire.server.storage.s3 import S3Store
 
+    # The in-process REST and gRPC servers run with the malloc thresholds `kvwire serve` sets.
+    malloc_threshold = ServiceSettings().malloc_mmap_threshold_bytes
+    server_malloc = keep_freed_memory(malloc_threshold)
     load_before = load_average()
     began = time.perf_counter()
     cells: list[Cell] = []
@@ -457,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrent.futures.ProcessPoolExecutor(n_clients, mp_context=spawn) as clients,
     ):
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        pids = list(clients.map(ready, range(n_clients)))  # one process per connection, started now
+        client_threshold = malloc_threshold if args.client_malloc == "kvwire" else 0
+        pids = list(clients.map(ready, [client_threshold] * n_clients))  # one process per connection
         if len(set(pids)) < n_clients:
             raise RuntimeError(f"{len(set(pids))} client processes started, {n_clients} needed")
 
@@ -497,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
                 raw_first[size, n] = cells[-1].rps
 
         def open_backend(name: str) -> Any:
-            def s3(prefix: str) -> S3Store:
+            def s3(prefix: str) -> Any:
+                from kvwire.server.storage.s3 import S3Store  # boto3: only for the S3 backends
+
                 return S3Store("kvwire-bench", endpoint_url=s3_url, prefix=prefix, create_bucket=True,
                                **S3_CREDENTIALS)  # fmt: skip
 
@@ -509,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                 return s3("s3")
             if name == "tiered":
                 return TieredStore(RedisStore(redis_url, namespace="bench-tiered"), s3("tiered"))
+            if name == "tiered-local":  # the same hot tier over local disk: no S3 server needed
+                hot = RedisStore(redis_url, namespace="bench-tiered-local")
+                return TieredStore(hot, LocalStore(Path(tmp) / "tiered-cold"))
             raise SystemExit(f"unknown backend {name!r}")
 
         def measure_servers(name: str, rest_url: str | None, grpc_address: str | None) -> None:
@@ -556,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Server: uvicorn {uvicorn_http(args.http)}, in a thread of the benchmark process, API key "
         "auth, no access log; the gRPC server likewise; redis-server and moto's S3 server are "
         "subprocesses on loopback.",
+        f"- malloc: the serving processes keep freed buffers up to {malloc_threshold:,} bytes "
+        f"(kvwire.server.allocator; applied here: {'yes' if server_malloc else 'no'}); the client "
+        f"processes run with "
+        + ("the same thresholds." if args.client_malloc == "kvwire" else "glibc's default thresholds."),
         "- overhead vs raw Redis = raw redis-py req/s / service req/s − 1, the raw GETs (same size and "
         "concurrency, same client processes) run "
         + (

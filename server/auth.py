@@ -55,6 +55,13 @@ class AccessControl:
             raise AuthError("invalid API key")
         return Caller(tenant, digest)
 
+    @property
+    def admit_blocks(self) -> bool:
+        """Whether :meth:`admit` waits on the network (a rate limit shared through Redis); without
+        that it is a hash, a comparison per key and an in-memory bucket, cheap enough to call on an
+        event loop."""
+        return isinstance(self.limiter, RedisRateLimiter)
+
     def admit(self, authorization: str | None) -> str:
         """Authenticate, then take a token from the caller's bucket; return the caller's tenant."""
         caller = self.authenticate(authorization)

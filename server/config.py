@@ -124,6 +124,10 @@ class ServiceSettings(BaseSettings):
     # context is seen here after at most manifest_cache_ttl_s.
     manifest_cache_size: int = Field(default=1024, ge=0)
     manifest_cache_ttl_s: float = Field(default=5.0, ge=0)
+    # glibc malloc of a serving process: buffers up to this size come from the heap, and up to twice
+    # it stays free there for the next request instead of going back to the kernel (each page of a
+    # fresh buffer costs a page fault). 0 = glibc's defaults. kvwire.server.allocator.
+    malloc_mmap_threshold_bytes: int = Field(default=32 * 1024 * 1024, ge=0, le=32 * 1024 * 1024)
 
     jobs_redis_url: str | None = None  # None = in-process queue and worker thread
     jobs_namespace: str = "kvwire"

@@ -277,7 +277,11 @@ class KvwireServicer(pb_grpc.KvwireServicer):
         entry = next((e for e in chunks[position].levels if e.level == level), None)
         if entry is None:
             return None
-        return _Prefetch(entry.key, self.prefetcher.submit(self._read, entry))
+        try:
+            future = self.prefetcher.submit(self._read, entry)
+        except RuntimeError:  # the server is stopping (GrpcServer.stop): the stream reads on its own
+            return None
+        return _Prefetch(entry.key, future)
 
     def _read_decided(self, entry: LevelEntry, prefetched: _Prefetch | None) -> bytes:
         """The bytes of ``entry``: the prefetch's result (or error) if it read this entry, else a read now."""

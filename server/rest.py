@@ -276,10 +276,17 @@ _BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "
 # --------------------------------------------------------------------------------------------- auth
 
 
-def authenticate(request: Request) -> str:
-    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``)."""
+async def authenticate(request: Request) -> str:
+    """The tenant of the request's bearer key, charged to its rate limit (``kvwire.server.auth``).
+
+    On the event loop unless the rate limit is shared through Redis: FastAPI runs a plain ``def``
+    dependency in its thread pool, a second thread hop per request on top of the endpoint's, which
+    cost more than the hash and comparisons themselves (docs/serving-benchmark.md)."""
     access: AccessControl = request.app.state.access
-    return access.admit(request.headers.get("authorization"))
+    header = request.headers.get("authorization")
+    if access.admit_blocks:
+        return await run_in_threadpool(access.admit, header)
+    return access.admit(header)
 
 
 Tenant = Annotated[str, Depends(authenticate)]
@@ -529,10 +536,12 @@ def serve_process(settings: ServiceSettings, *, reuse_port: bool = False) -> Non
     """
     import uvicorn
 
+    from kvwire.server.allocator import keep_freed_memory
     from kvwire.server.service import build_service
     from kvwire.server.supervisor import reuse_port_socket
     from kvwire.server.timeouts import uvicorn_options
 
+    keep_freed_memory(settings.malloc_mmap_threshold_bytes)  # before the servers' threads allocate
     sockets = [reuse_port_socket(settings.host, settings.port)] if reuse_port else None
     service = build_service(settings)
     access = AccessControl(settings)  # one rate-limit bucket per key across both APIs

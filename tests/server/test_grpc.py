@@ -27,7 +27,7 @@ from kvwire.errors import (
 )
 from kvwire.manifest import ChunkEntry, ContextManifest, LevelEntry
 from kvwire.server.config import ServiceSettings
-from kvwire.server.grpc_server import ERROR_TYPE_KEY, serve_grpc, status_code
+from kvwire.server.grpc_server import ERROR_TYPE_KEY, KvwireServicer, serve_grpc, status_code
 from kvwire.server.service import KvwireService, crc32_hex, manifest_key
 
 ALICE = (("authorization", "Bearer alice-key"),)
@@ -273,6 +273,36 @@ def test_stream_reads_ahead_yet_fails_at_the_corrupt_chunk(stub: Any, service: K
     _check_stream(stream(stub, context_id="ahead", fixed_level=0), manifest, service)  # level 0 intact
 
 
+class _DirectCall:
+    """The servicer-side context of a call made without a channel: alice's key, never cancelled."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ALICE
+
+    def is_active(self) -> bool:
+        return True
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailers = metadata
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+def test_stream_reads_on_its_own_once_the_server_stops_prefetching(
+    service: KvwireService, settings: ServiceSettings
+) -> None:
+    """A stream still running while its server stops (the prefetch pool is shut down first) reads
+    each chunk itself rather than failing with an internal error."""
+    synthetic_context(service, "stopping", 3, [1000])
+    servicer = KvwireServicer(service, settings)
+    servicer.prefetcher.shutdown()
+    request = pb.StreamRequest(context_id="stopping", fixed_level=0)
+    messages = list(servicer.StreamContext(request, _DirectCall()))
+    assert [m.index for m in messages] == [0, 1, 2]
+    assert all(m.checksum == crc32_hex(m.data) and len(m.data) == 1000 for m in messages)
+
+
 def synthetic_context(service: KvwireService, context_id: str, chunks: int, level_bytes: list[int]) -> None:
     """Store a context of ``chunks`` chunks whose level ``i`` is ``level_bytes[i]`` bytes (no model).
 
@@ -396,6 +426,7 @@ def test_kvwire_serve_runs_grpc_beside_rest(
     """``rest.serve`` with ``grpc_port`` starts the gRPC API on the same service and stops it after."""
     import uvicorn
 
+    import kvwire.server.allocator
     import kvwire.server.service
     from kvwire.server.rest import serve
 
@@ -409,11 +440,14 @@ def test_kvwire_serve_runs_grpc_beside_rest(
             answers.append(pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=10))  # alive
         self.started = True
 
+    thresholds: list[int] = []  # mallopt would change this whole test process: record instead
+    monkeypatch.setattr(kvwire.server.allocator, "keep_freed_memory", lambda b: thresholds.append(b))
     monkeypatch.setattr(kvwire.server.service, "build_service", lambda s: service)
     monkeypatch.setattr(service, "close", lambda: None)
     monkeypatch.setattr(uvicorn.Server, "run", fake_server_run)
-    serve(settings.model_copy(update={"grpc_port": port}))
+    serve(settings.model_copy(update={"grpc_port": port, "malloc_mmap_threshold_bytes": 12345}))
     assert [a.status for a in answers] == ["ok"]
+    assert thresholds == [12345]  # the serving process keeps its chunk buffers (kvwire.server.allocator)
     # Stopped with the REST server.
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
         pb_grpc.KvwireStub(channel).Health(pb.HealthRequest(), timeout=1)

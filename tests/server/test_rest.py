@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -96,6 +97,30 @@ def test_ingest_manifest_chunk_round_trip(client: TestClient, service: KvwireSer
 
     profile = client.get(f"/v1/profiles/{manifest['profile_digest']}", headers=ALICE)
     assert profile.status_code == 200 and profile.content.startswith(b"FAKEPROFILE")
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_auth_runs_on_the_event_loop_unless_it_waits_on_redis(
+    service: KvwireService, settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch, blocks: bool
+) -> None:
+    """A chunk request takes one thread hop (its store read), not a second one for the key check;
+    a check that waits on a shared Redis rate limit still goes to the thread pool."""
+    app = create_app(service, settings)
+    access = app.state.access
+    threads: list[str] = []
+    admit = access.admit
+    monkeypatch.setattr(type(access), "admit_blocks", property(lambda self: blocks))
+    monkeypatch.setattr(
+        access, "admit", lambda h: threads.append(threading.current_thread().name) or admit(h)
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        manifest = ingest(client, ALICE, token_ids=[1, 2, 3], context_id="hop")
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
+        r = client.get("/v1/contexts/hop/chunks/0", headers=ALICE)
+        assert r.status_code == 200 and len(r.content) == manifest["chunks"][0]["levels"][0]["nbytes"]
+        assert_error(client.get("/v1/contexts/hop/chunks/0", headers={"Authorization": "Bearer x"}), 401)
+    assert len(threads) == 3
+    assert all((name != loop_thread) == blocks for name in threads), (threads, loop_thread)
 
 
 def test_text_ingest(client: TestClient) -> None:
