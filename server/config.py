@@ -120,9 +120,11 @@ class ServiceSettings(BaseSettings):
     # TLS for REST and gRPC: both files (PEM) or neither.
     tls_certfile: Path | None = None  # certificate chain, leaf first
     tls_keyfile: Path | None = None
-    # Parsed manifests kept per process (0 = none); another process's delete or re-ingest of a
-    # context is seen here after at most manifest_cache_ttl_s.
+    # Parsed manifests kept per process (0 = none), and at most this much memory of them (a
+    # manifest holds every token id: ~5 MB for a 131,072-token context); another process's delete
+    # or re-ingest of a context is seen here after at most manifest_cache_ttl_s.
     manifest_cache_size: int = Field(default=1024, ge=0)
+    manifest_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     manifest_cache_ttl_s: float = Field(default=5.0, ge=0)
     # glibc malloc of a serving process: buffers up to this size come from the heap, and up to twice
     # it stays free there for the next request instead of going back to the kernel (each page of a

@@ -355,6 +355,18 @@ class _CachedManifest:
     manifest: ContextManifest
     data: bytes  # the stored JSON, served as is by GET /v1/contexts/{id}
     expires_at: float
+    nbytes: int = 0  # memory it holds, estimated (manifest_memory)
+
+
+#: Python memory per token id of a parsed manifest (an int object and its list slot), measured with
+#: tracemalloc on 4,600-token manifests (docs/reliability.md: 167 KB parsed for 4,600 ids).
+_PARSED_BYTES_PER_TOKEN = 36
+
+
+def manifest_memory(manifest: ContextManifest, data: bytes) -> int:
+    """What a cached manifest costs in memory: its JSON, its parsed token ids and chunk texts."""
+    text = sum(len(chunk.text) for chunk in manifest.chunks)
+    return len(data) + _PARSED_BYTES_PER_TOKEN * manifest.total_tokens + text + 512 * len(manifest.chunks)
 
 
 class ManifestCache:
@@ -363,13 +375,17 @@ class ManifestCache:
     Every chunk request needs its context's manifest; re-reading and re-parsing the whole JSON
     (~1 ms per 10 chunks) cost more than serving the chunk itself (see docs/serving-benchmark.md).
     This process drops an entry when it deletes or publishes that context; the TTL bounds how long
-    another process's delete or re-ingest stays unseen here. Thread-safe; the manifests it hands out
-    are shared, so callers must not mutate them.
+    another process's delete or re-ingest stays unseen here. It holds at most ``size`` manifests and
+    ``max_bytes`` of them (``manifest_memory``: a manifest holds every token id, so a long context's
+    is megabytes); expired entries at the old end are dropped as new ones come. Thread-safe; the
+    manifests it hands out are shared, so callers must not mutate them.
     """
 
-    def __init__(self, size: int, ttl_s: float):
+    def __init__(self, size: int, ttl_s: float, max_bytes: int = 64 * 1024 * 1024):
         self.size = size
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._entries: OrderedDict[tuple[str, str], _CachedManifest] = OrderedDict()
         self._lock = threading.Lock()
         self._invalidations = 0
@@ -385,7 +401,7 @@ class ManifestCache:
             if entry is None:
                 return None
             if entry.expires_at <= time.monotonic():
-                del self._entries[tenant, context_id]
+                self._drop((tenant, context_id))
                 return None
             self._entries.move_to_end((tenant, context_id))
             return entry
@@ -393,22 +409,33 @@ class ManifestCache:
     def put(
         self, tenant: str, context_id: str, manifest: ContextManifest, data: bytes, token: int
     ) -> _CachedManifest:
-        entry = _CachedManifest(manifest, data, time.monotonic() + self.ttl_s)
-        if self.size <= 0 or self.ttl_s <= 0:
+        now = time.monotonic()
+        entry = _CachedManifest(manifest, data, now + self.ttl_s, manifest_memory(manifest, data))
+        if self.size <= 0 or self.ttl_s <= 0 or entry.nbytes > self.max_bytes:
             return entry
         with self._lock:
             if token != self._invalidations:
                 return entry
+            self._drop((tenant, context_id))
             self._entries[tenant, context_id] = entry
-            self._entries.move_to_end((tenant, context_id))
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self.nbytes += entry.nbytes
+            while self._entries and (
+                len(self._entries) > self.size
+                or self.nbytes > self.max_bytes
+                or next(iter(self._entries.values())).expires_at <= now
+            ):
+                self._drop(next(iter(self._entries)))
         return entry
 
     def invalidate(self, tenant: str, context_id: str) -> None:
         with self._lock:
             self._invalidations += 1
-            self._entries.pop((tenant, context_id), None)
+            self._drop((tenant, context_id))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -430,7 +457,9 @@ class KvwireService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker_lock = threading.Lock()  # inline ingests and the worker thread share one model
-        self.manifests = ManifestCache(settings.manifest_cache_size, settings.manifest_cache_ttl_s)
+        self.manifests = ManifestCache(
+            settings.manifest_cache_size, settings.manifest_cache_ttl_s, settings.manifest_cache_bytes
+        )
         #: More that ``health`` checks, added by what starts with the process (the gRPC API's
         #: planner warm-up): each raises ``BackendUnavailableError`` while the process is not ready.
         self.readiness_checks: list[Callable[[], None]] = []

@@ -17,7 +17,7 @@ from kvwire.errors import (
     NotFoundError,
     RateLimitError,
 )
-from kvwire.manifest import ContextManifest, Job
+from kvwire.manifest import ChunkEntry, ContextManifest, Job, LevelEntry
 from kvwire.server.config import ServiceSettings, hash_api_key, parse_api_keys
 from kvwire.server.jobs import IngestRequest, InProcessJobQueue
 from kvwire.server.service import (
@@ -27,6 +27,7 @@ from kvwire.server.service import (
     chunk_key,
     chunk_prefix_digests,
     manifest_key,
+    manifest_memory,
     profile_key,
 )
 from kvwire.server.storage import LocalStore, Store
@@ -346,6 +347,44 @@ def test_manifest_cache_is_bounded_and_skips_raced_reads() -> None:
     cache.put("t", "d", manifest, b"{}", token)
     assert cache.get("t", "d") is None  # the raced read is not cached
     assert len(ManifestCache(size=0, ttl_s=60)) == 0
+
+
+def test_manifest_cache_is_bounded_in_bytes() -> None:
+    def manifest(tokens: int) -> tuple[ContextManifest, bytes]:
+        ids = list(range(1000, 1000 + tokens))
+        chunk = ChunkEntry(0, 0, tokens, ids, "x" * tokens, [LevelEntry(0, "k", 10, "0" * 8)])
+        m = ContextManifest("c", "t", "f" * 64, "0" * 64, 1, tokens, tokens, [0], 0, [chunk])
+        return m, m.to_json()
+
+    small, small_json = manifest(1000)
+    one = manifest_memory(small, small_json)
+    assert one > 36 * 1000  # the parsed token ids count, not only the JSON
+    cache = ManifestCache(size=100, ttl_s=60, max_bytes=2 * one + one // 2)
+    for name in ("a", "b", "c"):
+        cache.put("t", name, small, small_json, cache.token())
+    assert len(cache) == 2 and cache.get("t", "a") is None and cache.nbytes == 2 * one
+    big, big_json = manifest(3000)  # alone over the bound: served, never cached
+    assert cache.put("t", "big", big, big_json, cache.token()).manifest is big
+    assert cache.get("t", "big") is None and len(cache) == 2
+    cache.put("t", "c", small, small_json, cache.token())  # replacing an entry does not count it twice
+    assert cache.nbytes == 2 * one
+    for name in ("b", "c"):
+        cache.invalidate("t", name)
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_manifest_cache_drops_expired_entries_as_new_ones_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvwire.server.service as service_module
+
+    now = [100.0]
+    monkeypatch.setattr(service_module.time, "monotonic", lambda: now[0])
+    manifest = ContextManifest("c", "t", "f" * 64, "0" * 64, 1, 64, 0, [0], 0, [])
+    cache = ManifestCache(size=100, ttl_s=5)
+    for name in ("a", "b"):
+        cache.put("t", name, manifest, b"{}", cache.token())
+    now[0] += 6  # both expired, never read again
+    cache.put("t", "c", manifest, b"{}", cache.token())
+    assert len(cache) == 1 and cache.nbytes == manifest_memory(manifest, b"{}")
 
 
 def test_queue_limit_is_rate_limit() -> None:
