@@ -45,7 +45,12 @@ from kvwire.controller import Mode  # noqa: E402
 from kvwire.model import tensor_to_cache, text_tokens  # noqa: E402
 
 QUESTION = "\n\nQuestion: What does this license guarantee to its users?\nAnswer:"
-TEXTS = ["GPL-3", "Apache-2.0", "GFDL-1.3", "LGPL-2.1", "MPL-2.0"]
+# Concatenated in this order; the first five give 24,693 SmolLM2 tokens (2K and 8K contexts), the rest
+# extend them past 32K without changing those prefixes.
+TEXTS = [
+    "GPL-3", "Apache-2.0", "GFDL-1.3", "LGPL-2.1", "MPL-2.0",
+    "GPL-2", "MPL-1.1", "LGPL-2", "GFDL-1.2", "GPL-1", "Artistic", "CC0-1.0", "LGPL-3", "BSD",
+]  # fmt: skip
 
 
 @dataclass
