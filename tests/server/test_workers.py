@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.processes import KvwireProcess, RedisProcess, wait_until
+from benchmarks.processes import KvwireProcess, RedisProcess, listens, wait_until
 from kvwire import cli
 from kvwire.errors import InvalidInputError
 from kvwire.server.config import ServiceSettings
@@ -67,19 +67,11 @@ def served(tmp_path: Path) -> Iterator[tuple[KvwireProcess, RedisProcess]]:
 
 
 def serving_children(server: KvwireProcess) -> list[int]:
-    """Pids of the supervisor's children that listen on its REST port."""
-    import psutil
-
-    found = []
-    for child in psutil.Process(server.pid).children():
-        try:
-            listening = {c.laddr.port for c in child.net_connections("tcp") if c.status == "LISTEN"}
-        except psutil.NoSuchProcess:
-            continue
-        if server.port in listening:
-            assert server.grpc_port in listening, "a child serves REST but not gRPC"
-            found.append(child.pid)
-    return found
+    """Pids of the supervisor's children that listen on its REST port, each also on its gRPC port."""
+    children = server.serving_children()
+    for child in children:
+        assert listens(child, server.grpc_port), "a child serves REST but not gRPC"
+    return [child.pid for child in children]
 
 
 def seed_context(redis_url: str) -> bytes:
