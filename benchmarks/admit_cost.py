@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 import timeit
+from typing import Any
 
 from kvwire.server.auth import AccessControl
 from kvwire.server.config import ServiceSettings
@@ -17,7 +18,7 @@ from kvwire.server.config import ServiceSettings
 
 def main(redis_url: str) -> None:
     keys = ",".join(f"t{i}:key-{i}" for i in range(10))
-    cases = (
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (
         ("no rate limit", {}),
         ("in-process bucket", {"rate_limit_per_s": 1e9, "limits_shared": False}),
         ("shared bucket in Redis", {"rate_limit_per_s": 1e9, "limits_redis_url": redis_url}),

@@ -30,6 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +80,11 @@ def make_profile(name: str) -> CalibrationProfile:
         heads_per_group=hpg,
         layer_weight=np.full((L, 2), 0.25),
     )
+
+
+def _encoded_chunks(encode: Callable[[], Any]) -> object:
+    """Run an encode and take its chunks as host bytes (what a caller storing them pays)."""
+    return encode().chunks()
 
 
 def wall(fn: Callable[[], object], reps: int, warm: int = 1) -> float:
@@ -247,7 +253,7 @@ def tune(out_dir: Path) -> None:
                     for warps in (1, 2, 4):
                         gpu.TUNING.update(rans_segs=segs, rans_warps=warps)
                         t = events(functools.partial(gpu.launch_decode, batch), 5)
-                        same = all(
+                        same: bool | str = all(
                             torch.equal(batch.q[o : o + n], ref_q[o : o + n]) for o, n in _q_spans(batch)
                         )
                         lines.append(
@@ -470,7 +476,7 @@ def encode_bench(args: argparse.Namespace) -> None:
                 )
                 reps = 7 if b <= 8 else 5
                 t_e2e = wall(run, reps)
-                t_bytes = wall(lambda run=run: run().chunks(), 3)
+                t_bytes = wall(functools.partial(_encoded_chunks, run), 3)
 
                 def device_part(view=view, level=level, starts=starts, profile=profile) -> None:
                     job = gpu_encode.prepare_encode(view, profile, level=level, token_starts=starts)

@@ -19,6 +19,7 @@ kernels by CUDA events; staging of 1 and 8 chunks by each ``gpu.py`` version.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -54,8 +55,8 @@ def host_facts() -> list[str]:
     src = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
     dst = np.empty_like(src)
     t_copy = wall(lambda: np.copyto(dst, src), 9)
-    t_crc = wall(lambda: fmt.crc32(src), 9)
-    t_zlib = wall(lambda: zlib.crc32(src), 5)
+    t_crc = wall(lambda: fmt.crc32(src.data), 9)
+    t_zlib = wall(lambda: zlib.crc32(src.data), 5)
     n = src.size / 1e9
     return [
         f"- host: {model}; {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable; "
@@ -88,6 +89,11 @@ def decode_phases(staged: gpu.StagedBatch, profile: CalibrationProfile, reps: in
             for k, v in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0), strict=True):
                 got[k].append(v)
     return {k: statistics.median(v) for k, v in got.items()}
+
+
+def _checksum_and_copy_all(views: list[memoryview], host: np.ndarray) -> None:
+    """Staging's threaded CRC + copy of whole chunks into pinned memory, run to the end."""
+    list(gpu._checksum_and_copy(views, [0, len(views[0])], host))
 
 
 def load_old(path: Path) -> ModuleType:
@@ -171,17 +177,18 @@ def main() -> None:
             one = streams[lanes][c : c + 1]
             staged = gpu.stage_chunks(one, profile, dev)
             ph = decode_phases(staged, profile, args.reps)
-            t_dev = wall(lambda s=staged: gpu.decode_staged(s, profile), args.reps, warm=2)
+            t_dev = wall(functools.partial(gpu.decode_staged, staged, profile), args.reps, warm=2)
             batch = gpu.prepare_decode(staged, profile)
-            t_k = events(lambda b=batch: gpu.launch_kernels(b), args.reps)
-            t_e2e = wall(lambda o=one: gpu.decode_chunks_gpu(o, profile, device=dev), args.reps, warm=2)
-            t_stage = wall(lambda o=one: gpu.stage_chunks(o, profile, dev), args.reps, warm=2)
-            t_valid = wall(lambda o=one: codec.validate_chunk(o[0], profile, verify_crc=False), args.reps)
+            t_k = events(functools.partial(gpu.launch_kernels, batch), args.reps)
+            e2e = functools.partial(gpu.decode_chunks_gpu, one, profile, device=dev)
+            t_e2e = wall(e2e, args.reps, warm=2)
+            t_stage = wall(functools.partial(gpu.stage_chunks, one, profile, dev), args.reps, warm=2)
+            t_valid = wall(
+                functools.partial(codec.validate_chunk, one[0], profile, verify_crc=False), args.reps
+            )
             views = [memoryview(one[0])]
             host = torch.empty(len(one[0]), dtype=torch.uint8, pin_memory=True).numpy()
-            t_crc = wall(
-                lambda v=views, h=host: list(gpu._checksum_and_copy(v, [0, len(v[0])], h)), args.reps
-            )
+            t_crc = wall(functools.partial(_checksum_and_copy_all, views, host), args.reps)
             cells = " | ".join(f"{ph[k] * 1e3:.3f}" for k in ph)
             lines.append(
                 f"| {c} | {lanes} | {cells} | {t_dev * 1e3:.3f} | {t_k * 1e3:.3f} | {t_e2e * 1e3:.3f} "

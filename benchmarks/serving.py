@@ -160,7 +160,7 @@ def rest_server(store: Any, http: str = "deployed") -> Iterator[str]:
     from kvwire.server.service import KvwireService
     from kvwire.server.timeouts import uvicorn_options
 
-    settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
+    settings = ServiceSettings(api_keys={TENANT: API_KEY})
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     port = free_port()
     options: dict[str, Any] = uvicorn_options(settings) if http == "deployed" else {"http": http}
@@ -197,7 +197,7 @@ def grpc_server(store: Any) -> Iterator[str]:
     from kvwire.server.service import KvwireService
 
     warm_up()  # serve_grpc compiles the planner in a thread: ~10 s of this process's CPU when fresh
-    settings = ServiceSettings(api_keys=f"{TENANT}:{API_KEY}")
+    settings = ServiceSettings(api_keys={TENANT: API_KEY})
     service = KvwireService(store, InProcessJobQueue(), settings, worker=None)
     server = serve_grpc(service, settings, 0)
     try:
@@ -523,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
                 from kvwire.server.storage.s3 import S3Store  # boto3: only for the S3 backends
 
                 return S3Store("kvwire-bench", endpoint_url=s3_url, prefix=prefix, create_bucket=True,
-                               **S3_CREDENTIALS)  # fmt: skip
+                               access_key_id=S3_CREDENTIALS["access_key_id"],
+                               secret_access_key=S3_CREDENTIALS["secret_access_key"],
+                               region=S3_CREDENTIALS["region"])  # fmt: skip
 
             if name == "local":
                 return LocalStore(Path(tmp) / "local")

@@ -99,11 +99,11 @@ def random_llama8b(device: str) -> tuple[Any, Any, Any]:
         num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=131072,
-        rope_theta=500000.0,
+        rope_theta=500000.0,  # type: ignore[call-arg]  # transformers 5 folds it into rope_parameters
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.float16).eval()
+        model = LlamaForCausalLM(config).half().eval()
     tokenizer = StubTokenizer()
     ids = torch.randint(0, 128256, (1024,)).tolist()
     kv = prefill_kv(model, ids).double().cpu().numpy()

@@ -12,6 +12,7 @@ ln -s "$root/kernels" "$tree/kvwire/kernels"
 ln -s "$root/server" "$tree/kvwire/server"
 ln -s "$root/client" "$tree/kvwire/client"
 ln -s "$root/fuzz" "$tree/fuzz"  # the fuzz harness reaches into the codec: check it too
+ln -s "$root/benchmarks" "$tree/benchmarks"  # benchmarks drive every layer: a rename breaks them first
 mypy=mypy
 command -v mypy >/dev/null || mypy="$root/.venv/bin/mypy"  # scripts/setup.sh's venv, not activated
-cd "$tree" && "$mypy" -p kvwire -p fuzz --config-file "$root/pyproject.toml"
+cd "$tree" && "$mypy" -p kvwire -p fuzz -p benchmarks --config-file "$root/pyproject.toml"
