@@ -8,7 +8,7 @@ from functools import cache
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fuzz import targets
@@ -43,6 +43,14 @@ def _verdict(data: bytes, backend: str) -> torch.Tensor | type:
 def test_gpu_path_agrees_with_cpu_on_mutated_chunks(i: int, seed: int) -> None:
     chunks = small_chunks()
     data = targets.fix_crc(targets.mutate_chunk(chunks[i % len(chunks)], random.Random(seed)))
+    try:
+        declared = fmt.read_header(data).n_tokens
+    except KvwireError:
+        declared = 0
+    # The interpreter runs every kernel step in numpy: a mutation that declares hundreds of tokens
+    # (e.g. 517 in a 6-token chunk's header) costs it half a minute before the kernels report the
+    # overrun, where compiled kernels take microseconds. Up to 64 tokens keeps a run bounded.
+    assume(declared <= 64)
     cpu, dev = _verdict(data, "cpu"), _verdict(data, "gpu")
     if isinstance(cpu, torch.Tensor):
         assert isinstance(dev, torch.Tensor), f"GPU path raised {dev}, CPU path decoded"
