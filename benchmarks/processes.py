@@ -232,12 +232,14 @@ class KvwireProcess(ManagedProcess):
         return kvwire_env({**self._env, "KVWIRE_HOST": "127.0.0.1", **ports})
 
     def ready(self) -> bool:
+        """Both ports open and ``/readyz`` answering 200: the store and the job queue answer too, so a
+        test or benchmark starts on a server that can serve (``/healthz`` only says it is alive)."""
         if not (port_open(self.port) and port_open(self.grpc_port)):
             return False
         import httpx
 
         try:
-            return httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
