@@ -264,16 +264,15 @@ class KvwireProcess(ManagedProcess):
         import psutil
 
         deadline = time.monotonic() + timeout_s
-        if count <= 1:
-            processes = [psutil.Process(self.pid)]
-        else:
-            children: list[Any] = []
-            while len(children) < count:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"kvwire serve --workers {count} did not start every process")
-                time.sleep(0.1)
-                children = self.serving_children()
-            processes = [psutil.Process(self.pid), *children]
+        processes = [psutil.Process(self.pid)]
+        if count > 1:
+            children = wait_until(
+                lambda: (c := self.serving_children()) and len(c) >= count and c,
+                timeout_s,
+                f"kvwire serve --workers {count} to start every process",
+                interval_s=0.1,
+            )
+            processes += children
         wait_idle(processes, deadline)
         return processes
 

@@ -29,8 +29,6 @@ import os
 import platform
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +40,8 @@ from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.processes import KvwireProcess, MotoProcess, RedisProcess, free_port
 
 TENANT, API_KEY = "bench", "bench-key"
 LEVEL = 2
@@ -70,49 +70,21 @@ class Cell:
 # ------------------------------------------------------------------------------------ servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[int]:
     """Our own redis-server (no persistence) on a free loopback port, stopped when the block ends."""
-    port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    cmd += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisProcess(workdir / "redis", persist=False)
+    server.start(timeout_s=10)
     try:
-        import redis
-
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.05)
-        client.close()
-        yield port
+        yield server.port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 @contextlib.contextmanager
 def s3_server(workdir: Path) -> Iterator[str]:
     """moto's S3 server as a subprocess (not a thread of this process, whose interpreter lock the
     in-process REST and gRPC servers use)."""
-    from benchmarks.processes import MotoProcess
-
     server = MotoProcess(workdir / "moto")
     server.start(timeout_s=60)
     try:
@@ -125,8 +97,6 @@ def s3_server(workdir: Path) -> Iterator[str]:
 def kvwire_workers(workdir: Path, redis_url: str, workers: int) -> Iterator[tuple[str, str]]:
     """A real ``kvwire serve --workers N`` (Redis store and job queue, no model) on free ports;
     yields its REST base URL and gRPC address."""
-    from benchmarks.processes import KvwireProcess
-
     env = {
         "KVWIRE_STORE": "redis",
         "KVWIRE_REDIS_URL": redis_url,
